@@ -1,0 +1,36 @@
+"""The ``edge-gateway`` command: run either service, and the tools around them.
+
+Each group of commands lives in its own module here and is registered below.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from gateway import __version__
+
+app = typer.Typer(
+    name="edge-gateway",
+    help="Edge gateway for wastewater treatment plant probes, and its central processor.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edge-gateway {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Edge gateway for wastewater treatment plant probes, and its central processor."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,154 @@
+"""Typed configuration from TOML, with errors that name the file, the key and what was expected.
+
+Every section of the gateway's config and every probe profile is a dataclass; ``build`` turns a
+TOML table into one, checking each key against the dataclass's type hints. Unknown keys are errors
+(a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config or profile problem, phrased for the person who edits the file."""
+
+    def __init__(self, source: str | Path, key: str, expected: str) -> None:
+        self.source = str(source)
+        self.key = key
+        self.expected = expected
+        where = f"{self.source}: {key}" if key else self.source
+        super().__init__(f"{where}: {expected}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(p, "", "file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(p, "", f"not valid TOML ({e})") from None
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a table of {_describe(get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(tp: Any, value: Any, source: str | Path, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(source, key, f"expected {_describe(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        for a in args:
+            try:
+                return _convert(a, value, source, key)
+            except ConfigError:
+                continue
+        raise ConfigError(source, key, f"expected {_describe(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected {_describe(tp)}, got {value!r}")
+        (item,) = get_args(tp)
+        return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected {_describe(tp)}, got {value!r}")
+        _, item = get_args(tp)
+        return {k: _convert(item, v, source, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected a table, got {value!r}")
+        return build(typing.cast(type, tp), value, source=source, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(source, key, f"expected {_describe(tp)}, got {value!r}")
+
+
+def build(cls: type[T], data: dict[str, Any], *, source: str | Path, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a TOML table, or raise ConfigError naming the bad key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        name = raw_key.replace("-", "_")
+        full = f"{prefix}.{raw_key}" if prefix else raw_key
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(sorted(fields))
+            raise ConfigError(source, full, f"unknown key{hint}; expected one of: {known}")
+        kwargs[name] = _convert(hints[name], value, source, full)
+    for name, f in fields.items():
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            full = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(source, full, f"required key is missing ({_describe(hints[name])})")
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:  # __post_init__ checks
+        raise ConfigError(source, prefix, str(e)) from None
+    return obj
+
+
+def secret(value: str, *, source: str | Path, key: str) -> str:
+    """Resolve a secret reference: ``env:NAME`` or ``file:/path``; plain text is returned as is.
+
+    Secrets belong in the environment or a credential file, never in the config itself or a log.
+    """
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ConfigError(source, key, f"environment variable {name} is not set")
+        return os.environ[name]
+    if value.startswith("file:"):
+        try:
+            return Path(value[5:]).read_text().strip()
+        except OSError as e:
+            raise ConfigError(source, key, f"cannot read credential file ({e.strerror})") from None
+    return value

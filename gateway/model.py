@@ -1,0 +1,236 @@
+"""The records that flow through both services: readings and alarm events.
+
+The JSON shape on the wire is the design's Reading contract (camelCase keys, RFC 3339 UTC
+timestamps); these dataclasses are the in-process form. Keep the two in step here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+PARAMETERS = ("pH", "BOD", "COD", "TSS", "TDS", "temperature", "flow_rate")
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+    def worst(self, other: Quality) -> Quality:
+        order = (Quality.GOOD, Quality.UNCERTAIN, Quality.BAD)
+        return self if order.index(self) >= order.index(other) else other
+
+
+def now_ts() -> float:
+    return datetime.now(UTC).timestamp()
+
+
+def format_ts(ts: float) -> str:
+    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-28T06:34:14.123Z."""
+    dt = datetime.fromtimestamp(ts, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def parse_ts(text: str) -> float:
+    """Parse an RFC 3339 timestamp; a missing offset is an error, not an assumption."""
+    if not isinstance(text, str):
+        raise ValueError(f"timestamp must be an RFC 3339 string, got {type(text).__name__}")
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no UTC offset")
+    return dt.timestamp()
+
+
+@dataclass(slots=True)
+class Reading:
+    """One measured value of one parameter from one sensor.
+
+    ``value`` is None when the probe gave nothing usable (timeout, CRC error, NaN); such a reading
+    is kept with quality bad and its reasons, so operators see a failing probe.
+    """
+
+    sensor_id: str
+    parameter: str
+    value: float | None
+    unit: str
+    timestamp: float
+    plant_id: str = "default"
+    location: str = ""
+    quality: Quality = Quality.GOOD
+    quality_reasons: list[str] = field(default_factory=list)
+    gateway_id: str = ""
+    seq: int | None = None
+    raw_value: float | None = None
+    calibration_id: str | None = None
+
+    def flag(self, quality: Quality, reason: str) -> None:
+        """Lower the quality (never raise it) and record why."""
+        self.quality = self.quality.worst(quality)
+        if reason not in self.quality_reasons:
+            self.quality_reasons.append(reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "sensorId": self.sensor_id,
+            "plantId": self.plant_id,
+            "parameter": self.parameter,
+            "value": self.value if self.value is None or math.isfinite(self.value) else None,
+            "unit": self.unit,
+            "quality": self.quality.value,
+            "timestamp": format_ts(self.timestamp),
+            "location": self.location,
+            "gatewayId": self.gateway_id,
+            "seq": self.seq,
+            "qualityReasons": list(self.quality_reasons),
+        }
+        if self.raw_value is not None and math.isfinite(self.raw_value):
+            d["rawValue"] = self.raw_value
+        if self.calibration_id is not None:
+            d["calibrationId"] = self.calibration_id
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+@dataclass(slots=True)
+class AlarmEvent:
+    """A change of an alarm's state (raised, cleared, re-raised, probe fault).
+
+    ``alarm_id`` names the alarm (plant, sensor, parameter, condition) and stays the same for its
+    whole life; ``event_id`` is stable per event so replays de-duplicate downstream.
+    """
+
+    alarm_id: str
+    event_id: str
+    sensor_id: str
+    plant_id: str
+    parameter: str
+    condition: str  # HH, H, L, LL or probe_fault
+    level: str  # warning or critical
+    state: str  # raised, cleared, re-raised
+    value: float | None
+    threshold: float | None
+    timestamp: float
+    message: str
+    location: str = ""
+    gateway_id: str = ""
+    seq: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alarmId": self.alarm_id,
+            "eventId": self.event_id,
+            "sensorId": self.sensor_id,
+            "plantId": self.plant_id,
+            "parameter": self.parameter,
+            "condition": self.condition,
+            "level": self.level,
+            "state": self.state,
+            "value": self.value,
+            "threshold": self.threshold,
+            "timestamp": format_ts(self.timestamp),
+            "message": self.message,
+            "location": self.location,
+            "gatewayId": self.gateway_id,
+            "seq": self.seq,
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+Record = Reading | AlarmEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a payload could not become a reading; kept with the payload in a dead-letter store."""
+
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+def _text(d: dict[str, Any], key: str, default: str | None = None) -> str:
+    v = d.get(key, default)
+    if v is None:
+        raise _Bad("missing_field", key)
+    if not isinstance(v, str) or not v or len(v) > 256:
+        raise _Bad("wrong_type", f"{key} must be a non-empty string of at most 256 characters")
+    return v
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.rejection = Rejection(reason, detail)
+
+
+def reading_from_dict(d: Any, *, plant_id: str = "default") -> Reading | Rejection:
+    """Turn a decoded Reading JSON object into a Reading, or say why not. Never raises.
+
+    A non-numeric ``value`` is a rejection here; callers that must keep such readings (the
+    processor stores them as bad quality) handle the ``wrong_type`` rejection themselves.
+    """
+    if not isinstance(d, dict):
+        return Rejection("not_an_object", f"expected a JSON object, got {type(d).__name__}")
+    try:
+        value = d.get("value", ...)
+        if value is ...:
+            raise _Bad("missing_field", "value")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise _Bad("wrong_type", f"value must be a number or null, got {type(value).__name__}")
+        ts_text = d.get("timestamp")
+        try:
+            ts = now_ts() if ts_text is None else parse_ts(ts_text)
+        except (ValueError, OverflowError, OSError) as e:
+            raise _Bad("bad_timestamp", str(e)[:200]) from None
+        unit = d.get("unit", "")
+        if not isinstance(unit, str) or len(unit) > 32:
+            raise _Bad("wrong_type", "unit must be a string of at most 32 characters")
+        quality_text = d.get("quality", "good")
+        try:
+            quality = Quality(quality_text)
+        except ValueError:
+            raise _Bad(
+                "wrong_type", f"quality must be good, uncertain or bad, got {quality_text!r}"
+            ) from None
+        reasons = d.get("qualityReasons", [])
+        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+            raise _Bad("wrong_type", "qualityReasons must be a list of strings")
+        seq = d.get("seq")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+            raise _Bad("wrong_type", "seq must be an integer")
+        fval = None if value is None else float(value)
+        return Reading(
+            sensor_id=_text(d, "sensorId"),
+            parameter=_text(d, "parameter"),
+            value=fval,
+            unit=unit,
+            timestamp=ts,
+            plant_id=_text(d, "plantId", plant_id),
+            location=d["location"] if isinstance(d.get("location"), str) else "",
+            quality=quality,
+            quality_reasons=list(reasons),
+            gateway_id=d["gatewayId"] if isinstance(d.get("gatewayId"), str) else "",
+            seq=seq,
+        )
+    except _Bad as e:
+        return e.rejection
+    except (ValueError, OverflowError, TypeError) as e:
+        return Rejection("invalid", str(e)[:200])
+
+
+def reading_from_json(payload: bytes, *, plant_id: str = "default") -> Reading | Rejection:
+    try:
+        d = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return Rejection("not_json", str(e)[:200])
+    return reading_from_dict(d, plant_id=plant_id)

@@ -1,0 +1,111 @@
+"""Fixtures shared by every test: the real servers and pseudo-terminal pairs.
+
+Integration tests talk to real Kafka, Mosquitto and InfluxDB on 127.0.0.1, started by
+``scripts/services up`` (which ``scripts/test`` runs first). When a test needs a server whose
+variables are missing from ``var/services.env``, the fixture starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES_ENV = ROOT / "var" / "services.env"
+REQUIRED = {
+    "mosquitto": ("MQTT_HOST", "MQTT_PORT", "MQTT_USERNAME", "MQTT_PASSWORD"),
+    "kafka": ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SASL_BOOTSTRAP_SERVERS"),
+    "influxdb": ("INFLUXDB_URL", "INFLUXDB_TOKEN"),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="also run the long soak and chaos tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="long soak/chaos run: pass --soak to run it")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+def read_env(path: Path = SERVICES_ENV) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                k, v = line.split("=", 1)
+                env[k.strip()] = v.strip()
+    return env
+
+
+def ensure_services(*names: str) -> dict[str, str]:
+    env = read_env()
+    missing = [n for n in names if not all(k in env for k in REQUIRED[n])]
+    if missing:
+        subprocess.run([str(ROOT / "scripts" / "services"), "up", *missing], check=True)
+        env = read_env()
+    return env
+
+
+@pytest.fixture(scope="session")
+def services() -> dict[str, str]:
+    """Variables of every real server, started if needed."""
+    return ensure_services("mosquitto", "kafka", "influxdb")
+
+
+@pytest.fixture(scope="session")
+def mqtt_env() -> dict[str, str]:
+    return ensure_services("mosquitto")
+
+
+@pytest.fixture(scope="session")
+def kafka_env() -> dict[str, str]:
+    return ensure_services("kafka")
+
+
+@pytest.fixture(scope="session")
+def influx_env() -> dict[str, str]:
+    return ensure_services("influxdb")
+
+
+@dataclass(frozen=True)
+class PtyPair:
+    """Two pseudo-terminals joined by socat: bytes written to one arrive at the other."""
+
+    a: str
+    b: str
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.fail("socat is not installed: run ./scripts/test, which installs it")
+    a, b = tmp_path / "ttyA", tmp_path / "ttyB"
+    proc = subprocess.Popen(
+        [socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not (a.exists() and b.exists()):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("socat did not create the pty pair")
+        time.sleep(0.01)
+    try:
+        yield PtyPair(os.fspath(a), os.fspath(b))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
