@@ -16,6 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Timing-based health checks fail spuriously on a loaded 2-core machine; correctness checks stay.
+settings.register_profile(
+    "gateway", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200
+)
+settings.load_profile("gateway")
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES_ENV = ROOT / "var" / "services.env"

@@ -1,0 +1,102 @@
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.model import (
+    Quality,
+    Reading,
+    Rejection,
+    format_ts,
+    parse_ts,
+    reading_from_dict,
+    reading_from_json,
+)
+
+GOOD = {
+    "sensorId": "ph-1",
+    "plantId": "north",
+    "parameter": "pH",
+    "value": 7.12,
+    "unit": "pH",
+    "timestamp": "2026-11-28T06:00:00.250Z",
+    "location": "aeration-1",
+}
+
+
+def test_reading_round_trips_through_the_wire_json():
+    r = reading_from_dict(GOOD)
+    assert isinstance(r, Reading)
+    r.gateway_id, r.seq = "gw-1", 42
+    wire = json.loads(r.to_json())
+    assert wire["sensorId"] == "ph-1" and wire["plantId"] == "north"
+    assert wire["timestamp"] == "2026-11-28T06:00:00.250Z"
+    assert wire["gatewayId"] == "gw-1" and wire["seq"] == 42
+    assert wire["quality"] == "good" and wire["qualityReasons"] == []
+    back = reading_from_dict(wire)
+    assert isinstance(back, Reading)
+    assert (back.value, back.timestamp, back.seq) == (7.12, r.timestamp, 42)
+
+
+def test_quality_only_gets_worse():
+    r = Reading("s", "pH", 7.0, "pH", 0.0)
+    r.flag(Quality.BAD, "out_of_range")
+    r.flag(Quality.UNCERTAIN, "spike")
+    assert r.quality is Quality.BAD
+    assert r.quality_reasons == ["out_of_range", "spike"]
+
+
+def test_non_finite_values_leave_as_null_so_the_json_stays_valid():
+    r = Reading("s", "pH", math.nan, "pH", 0.0, quality=Quality.BAD)
+    assert json.loads(r.to_json())["value"] is None
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"value": "7.1"}, "wrong_type"),
+        ({"value": True}, "wrong_type"),
+        ({"sensorId": None}, "missing_field"),
+        ({"sensorId": ""}, "wrong_type"),
+        ({"timestamp": "yesterday"}, "bad_timestamp"),
+        ({"timestamp": "2026-11-28T06:00:00"}, "bad_timestamp"),
+        ({"quality": "excellent"}, "wrong_type"),
+        ({"seq": "1"}, "wrong_type"),
+    ],
+)
+def test_bad_fields_are_rejected_with_a_reason(change, reason):
+    d = {**GOOD, **change}
+    d = {k: v for k, v in d.items() if v is not None}
+    r = reading_from_dict(d)
+    assert isinstance(r, Rejection)
+    assert r.reason == reason
+
+
+def test_garbage_is_rejected_not_raised():
+    assert reading_from_json(b"\xff" * 1_000_000).reason == "not_json"
+    assert reading_from_json(b"[1, 2]").reason == "not_an_object"
+    assert reading_from_json(b"[" * 100_000).reason == "not_json"
+
+
+def test_timestamps_are_utc_with_milliseconds():
+    assert format_ts(parse_ts("2026-11-28T07:00:00.5+01:00")) == "2026-11-28T06:00:00.500Z"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.sampled_from([*GOOD, "seq", "quality", "qualityReasons"]), json_values))
+def test_any_object_gives_a_reading_or_a_rejection(d):
+    r = reading_from_dict(d)
+    assert isinstance(r, Reading | Rejection)
+
+
+@given(st.binary(max_size=512))
+def test_any_bytes_give_a_reading_or_a_rejection(payload):
+    assert isinstance(reading_from_json(payload), Reading | Rejection)
