@@ -34,3 +34,9 @@ def _root(
 
 def main() -> None:
     app()
+
+
+# Command groups register themselves on ``app`` here, after it exists.
+from gateway.cli import calibrate  # noqa: E402
+
+app.add_typer(calibrate.app, name="calibrate")
