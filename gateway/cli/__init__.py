@@ -37,6 +37,7 @@ def main() -> None:
 
 
 # Command groups register themselves on ``app`` here, after it exists.
-from gateway.cli import calibrate  # noqa: E402
+from gateway.cli import calibrate, simulate  # noqa: E402
 
 app.add_typer(calibrate.app, name="calibrate")
+app.command("simulate")(simulate.simulate)

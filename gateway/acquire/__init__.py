@@ -1,0 +1,1 @@
+"""Acquisition: the sources that turn probe and broker data into readings."""
