@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+EARLIEST_TS, LATEST_TS = 0.0, 4102444800.0  # 1970-01-01 .. 2100-01-01: what the wire format carries
 PARAMETERS = ("pH", "BOD", "COD", "TSS", "TDS", "temperature", "flow_rate")
 
 
@@ -192,6 +193,8 @@ def reading_from_dict(d: Any, *, plant_id: str = "default") -> Reading | Rejecti
             ts = now_ts() if ts_text is None else parse_ts(ts_text)
         except (ValueError, OverflowError, OSError) as e:
             raise _Bad("bad_timestamp", str(e)[:200]) from None
+        if not EARLIEST_TS <= ts <= LATEST_TS:
+            raise _Bad("bad_timestamp", f"{ts_text!r} is outside 1970-2100")
         unit = d.get("unit", "")
         if not isinstance(unit, str) or len(unit) > 32:
             raise _Bad("wrong_type", "unit must be a string of at most 32 characters")

@@ -37,7 +37,11 @@ def main() -> None:
 
 
 # Command groups register themselves on ``app`` here, after it exists.
-from gateway.cli import calibrate, simulate  # noqa: E402
+from gateway.cli import calibrate, run, simulate  # noqa: E402
 
 app.add_typer(calibrate.app, name="calibrate")
 app.command("simulate")(simulate.simulate)
+app.command("run")(run.run)
+config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+config_app.command("check")(run.check)
+app.add_typer(config_app, name="config")
