@@ -1,0 +1,49 @@
+"""``edge-gateway run`` and ``edge-gateway config check``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gateway.config import ConfigError
+
+ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The gateway's config file.")]
+
+
+def run(
+    config: ConfigPath = Path("config.toml"),
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Run the edge gateway daemon until SIGTERM or Ctrl-C."""
+    from gateway.daemon import GatewayDaemon
+    from gateway.settings import load_gateway_config
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        daemon = GatewayDaemon(load_gateway_config(config))
+        daemon.run_until_signalled()
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def check(config: ConfigPath = Path("config.toml")) -> None:
+    """Check a config file and every probe profile it names, without starting anything."""
+    from gateway.settings import load_gateway_config
+
+    try:
+        cfg = load_gateway_config(config)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    buses = len(cfg.modbus.serial) + len(cfg.modbus.tcp)
+    typer.echo(
+        f"{config}: OK (gateway {cfg.gateway.id}, plant {cfg.gateway.plant_id}, "
+        f"{buses} Modbus connection(s), MQTT {'on' if cfg.mqtt.enabled else 'off'}, "
+        f"Kafka {cfg.kafka.bootstrap_servers})"
+    )

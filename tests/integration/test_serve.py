@@ -1,0 +1,185 @@
+"""The gateway's HTTP server over real sockets, with a real disk buffer behind ingest."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.buffer import Buffer, BufferConfig
+from gateway.metrics import Metrics
+from gateway.model import AlarmEvent, Reading, Record
+from gateway.serve import HttpConfig, HttpServer
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token"
+GOOD = {
+    "sensorId": "ph-1", "plantId": "north", "parameter": "pH", "value": 7.2, "unit": "pH",
+    "timestamp": "2026-11-28T06:00:00.000Z", "location": "inlet",
+}  # fmt: skip
+
+
+@pytest.fixture
+def buffer(tmp_path: Path) -> Iterator[Buffer]:
+    buf = Buffer(BufferConfig(path=str(tmp_path / "b.db"), max_rows=50), "gw-http", Metrics())
+    buf.start()
+    yield buf
+    buf.stop()
+
+
+def make_server(buffer: Buffer | None, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> HttpServer:
+    monkeypatch.setenv("GATEWAY_TEST_TOKEN", TOKEN)
+    config = HttpConfig(port=0, token="env:GATEWAY_TEST_TOKEN", max_body_bytes=4096, **kw)
+    metrics = buffer.metrics if buffer is not None else Metrics()
+    server = HttpServer(config, metrics, buffer=buffer)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def server(buffer: Buffer, monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpServer]:
+    srv = make_server(buffer, monkeypatch, commit_timeout_s=1.0)
+    yield srv
+    srv.stop()
+
+
+def request(
+    server: HttpServer, method: str, path: str, body: Any = None, token: str | None = TOKEN
+) -> tuple[int, Any, dict[str, str]]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    ctype = resp.getheader("Content-Type", "")
+    doc = json.loads(raw) if ctype.startswith("application/json") else raw.decode()
+    return resp.status, doc, dict(resp.getheaders())
+
+
+def test_one_reading_or_an_array_is_accepted_only_once_committed(server, buffer):
+    status, doc, _ = request(server, "POST", "/api/readings", GOOD)
+    assert (status, doc) == (202, {"accepted": 1})
+    assert len(buffer.fetch(100)) == 1  # already committed when 202 came back
+
+    batch = [{**GOOD, "value": v} for v in (6.9, 7.0, 7.1)]
+    status, doc, _ = request(server, "POST", "/api/readings", batch)
+    assert (status, doc) == (202, {"accepted": 3})
+    rows = buffer.fetch(100)
+    values = [json.loads(r.payload)["value"] for r in rows]
+    assert values == [7.2, 6.9, 7.0, 7.1]
+    assert {json.loads(r.payload)["gatewayId"] for r in rows} == {"gw-http"}
+
+
+def test_readings_go_through_the_pipeline_before_the_buffer(buffer, monkeypatch):
+    def pipeline(readings: list[Reading]) -> list[Record]:
+        out: list[Record] = []
+        for r in readings:
+            alarm = AlarmEvent(
+                alarm_id="a", event_id="e", sensor_id=r.sensor_id, plant_id=r.plant_id,
+                parameter=r.parameter, condition="H", level="warning", state="raised",
+                value=r.value, threshold=7.0, timestamp=r.timestamp, message="high",
+            )  # fmt: skip
+            out += [r, alarm]
+        return out
+
+    srv = make_server(buffer, monkeypatch)
+    srv.process = pipeline
+    try:
+        status, _, _ = request(srv, "POST", "/api/readings", GOOD)
+    finally:
+        srv.stop()
+    assert status == 202
+    assert [r.kind for r in buffer.fetch(10)] == ["reading", "alarm"]
+
+
+def test_invalid_items_are_refused_with_reasons_per_index_and_nothing_stored(server, buffer):
+    body = [GOOD, {**GOOD, "value": "high"}, {"sensorId": "x"}, [1, 2]]
+    status, doc, _ = request(server, "POST", "/api/readings", body)
+    assert status == 400
+    assert [(e["index"], e["reason"]) for e in doc["invalid"]] == [
+        (1, "wrong_type"),
+        (2, "missing_field"),
+        (3, "not_an_object"),
+    ]
+    assert buffer.fetch(10) == []
+    rejected = buffer.metrics.registry.get_sample_value(
+        "iot_rejected_payloads_total", {"source": "http", "reason": "wrong_type"}
+    )
+    assert rejected == 1
+
+    status, doc, _ = request(server, "POST", "/api/readings", b"{not json")
+    assert status == 400 and doc["error"] == "body is not JSON"
+    status, doc, _ = request(server, "POST", "/api/readings", [])
+    assert status == 400
+
+
+def test_a_body_above_the_limit_is_refused_unread(server, buffer):
+    big = [{**GOOD, "location": "x" * 100} for _ in range(40)]  # > 4096 bytes
+    status, doc, headers = request(server, "POST", "/api/readings", big)
+    assert status == 413 and "4096" in doc["error"]
+    assert headers.get("Connection") == "close"
+    assert buffer.fetch(10) == []
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", ""])
+def test_ingest_needs_the_bearer_token(server, buffer, token):
+    status, _, headers = request(server, "POST", "/api/readings", GOOD, token=token)
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert buffer.fetch(10) == []
+
+
+def test_ingest_is_off_without_a_configured_token(buffer):
+    srv = HttpServer(HttpConfig(port=0), buffer.metrics, buffer=buffer)
+    srv.start()
+    try:
+        status, doc, _ = request(srv, "POST", "/api/readings", GOOD, token="")
+    finally:
+        srv.stop()
+    assert status == 403 and "token" in doc["error"]
+
+
+def test_a_full_buffer_answers_503_instead_of_hanging(server, buffer):
+    buffer.submit_wait([Reading("ph-1", "pH", 7.0, "pH", 1.79e9) for _ in range(50)], 10)
+    status, doc, headers = request(server, "POST", "/api/readings", GOOD)
+    assert status == 503 and headers["Retry-After"] and "retry" in doc["error"]
+
+
+def test_health_is_200_only_when_every_check_is_healthy(server):
+    state = {"kafka": True}
+    server.add_check("buffer", lambda: (True, {"rows": 0}))
+    server.add_check("kafka", lambda: (state["kafka"], {} if state["kafka"] else {"error": "down"}))
+    status, doc, _ = request(server, "GET", "/health", token=None)
+    assert status == 200 and doc["status"] == "healthy"
+    assert doc["checks"]["buffer"] == {"status": "healthy", "rows": 0}
+    assert doc["timestamp"].endswith("Z")
+
+    state["kafka"] = False
+    status, doc, _ = request(server, "GET", "/health", token=None)
+    assert status == 503 and doc["status"] == "unhealthy"
+    assert doc["checks"]["kafka"] == {"status": "unhealthy", "error": "down"}
+
+    def broken() -> tuple[bool, dict[str, Any]]:
+        raise RuntimeError("boom")
+
+    state["kafka"] = True
+    server.add_check("serial", broken)
+    status, doc, _ = request(server, "GET", "/health", token=None)
+    assert status == 503 and "boom" in doc["checks"]["serial"]["error"]
+
+
+def test_metrics_are_exposed_for_prometheus(server, buffer):
+    request(server, "POST", "/api/readings", GOOD)
+    status, text, headers = request(server, "GET", "/metrics", token=None)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert 'iot_messages_received_total{plant_id="north",source="http"} 1.0' in text
+    assert "iot_buffer_bytes" in text
