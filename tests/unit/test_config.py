@@ -67,7 +67,7 @@ def test_errors_name_the_file_the_key_and_what_was_expected(data, key, expected)
 def test_broken_toml_names_the_file(tmp_path):
     p = tmp_path / "config.toml"
     p.write_text("[buffer\npath = 1\n")
-    with pytest.raises(ConfigError, match="config.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"config\.toml: not valid TOML"):
         load_toml(p)
 
 
@@ -77,5 +77,5 @@ def test_secrets_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
     f = tmp_path / "pw"
     f.write_text("from-file\n")
     assert secret(f"file:{f}", source="c.toml", key="kafka.password") == "from-file"
-    with pytest.raises(ConfigError, match="kafka.password: environment variable NOPE is not set"):
+    with pytest.raises(ConfigError, match=r"kafka\.password: environment variable NOPE is not set"):
         secret("env:NOPE", source="c.toml", key="kafka.password")

@@ -1,0 +1,373 @@
+"""``edge-gateway run`` as a real process: simulated probes on a pty and MQTT in, Kafka out, with
+/health and /metrics, a clean SIGTERM, config errors, overflow with Kafka unreachable, and a
+corrupt buffer file at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.model import format_ts
+from tests.gateway_harness import (
+    ROOT,
+    Gateway,
+    GatewaySetup,
+    KafkaCollector,
+    Publisher,
+    Simulator,
+    buffer_state,
+    init_buffer,
+    kafka_seqs,
+    stop_and_settle,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+UNREACHABLE_KAFKA = "127.0.0.1:1"
+DESIGN_METRICS = (
+    "iot_messages_received_total",
+    "iot_messages_processed_total",
+    "iot_alerts_triggered_total",
+    "iot_processing_latency_seconds_bucket",
+    "iot_active_connections",
+    "iot_buffer_size",
+)
+
+
+def gateway_for(setup: GatewaySetup, mqtt_env: dict[str, str] | None = None) -> Gateway:
+    env = {"MQTT_PASSWORD": mqtt_env["MQTT_PASSWORD"]} if mqtt_env else {}
+    return Gateway(setup.write(), setup.tmp / "logs", env=env)
+
+
+def check_of(gw: Gateway, name: str) -> dict[str, Any]:
+    return gw.health()[1]["checks"][name]
+
+
+def test_gateway_polls_probes_reads_mqtt_and_forwards_everything_to_kafka(
+    kafka_env: dict[str, str], mqtt_env: dict[str, str], pty_pair: Any, tmp_path: Path
+) -> None:
+    setup = GatewaySetup(
+        tmp_path, kafka_env["KAFKA_BOOTSTRAP_SERVERS"], pty=pty_pair.a, mqtt=mqtt_env
+    )
+    seq0 = init_buffer(setup.buffer_path, setup.gateway_id)
+    gw = gateway_for(setup, mqtt_env)
+    with (
+        Simulator(pty_pair.b, setup.probes),
+        KafkaCollector(setup.kafka, [setup.raw_topic, "sensors.alerts"]) as kafka,
+    ):
+        publisher = None
+        try:
+            gw.start()
+            gw.wait_serving()
+            _, health = wait_until(
+                lambda: (h := gw.health())[0] == 200 and h, 60, "/health to answer 200"
+            )
+            assert health["status"] == "healthy"
+            assert set(health["checks"]) == {"buffer", "kafka", "modbus", "mqtt"}
+            assert all(c["status"] == "healthy" for c in health["checks"].values())
+
+            publisher = Publisher(mqtt_env)
+            now = format_ts(time.time())
+            publisher.publish(setup.number_topic("bod-m", "BOD"), b"150", "bod-m")
+            publisher.publish(setup.number_topic("cod-m", "COD"), b"123.5", "cod-m")
+            one = {
+                "sensorId": "j-1",
+                "parameter": "TSS",
+                "value": 55.5,
+                "unit": "mg/L",
+                "timestamp": now,
+            }
+            publisher.publish(setup.json_topic("j-1"), json.dumps(one).encode(), "j-1")
+            two = [
+                {
+                    "sensorId": "j-2",
+                    "parameter": "pH",
+                    "value": 7.1,
+                    "unit": "pH",
+                    "timestamp": now,
+                },
+                {
+                    "sensorId": "j-3",
+                    "parameter": "TDS",
+                    "value": 640.0,
+                    "unit": "mg/L",
+                    "timestamp": now,
+                },
+            ]
+            publisher.publish(setup.json_topic("batch"), json.dumps(two).encode(), "batch")
+            publisher.wait_all_acknowledged()
+
+            expected = {  # sensorId -> (parameter, value) that must arrive
+                "ph-1": ("pH", 7.0),
+                "uv-1": ("BOD", 150.0),
+                "cond-1": ("TDS", 904.3),
+                "bod-m": ("BOD", 150.0),
+                "cod-m": ("COD", 123.5),
+                "j-1": ("TSS", 55.5),
+                "j-2": ("pH", 7.1),
+                "j-3": ("TDS", 640.0),
+            }
+
+            def arrived() -> bool:
+                got = {
+                    (m.key, m.value["parameter"], m.value["value"])
+                    for m in kafka.snapshot(setup.raw_topic)
+                }
+                alarms = {
+                    (m.key, m.value["parameter"], m.value["level"])
+                    for m in kafka.snapshot("sensors.alerts", setup.gateway_id)
+                }
+                return {(s, p, v) for s, (p, v) in expected.items()} <= got and {
+                    ("uv-1", "BOD", "critical"),
+                    ("bod-m", "BOD", "critical"),
+                } <= alarms
+
+            wait_until(arrived, 90, "probe and MQTT readings and the BOD alarms in Kafka")
+
+            readings = kafka.snapshot(setup.raw_topic)
+            for m in readings:
+                v = m.value
+                assert m.key == v["sensorId"]
+                assert m.headers == {"content-type": "application/json", "source": "iot-gateway"}
+                assert v["gatewayId"] == setup.gateway_id and v["plantId"] == setup.plant
+            by_key = {m.key: m.value for m in readings}
+            assert by_key["bod-m"]["unit"] == "mg/L" and by_key["j-1"]["timestamp"] == now
+            alerts = kafka.snapshot("sensors.alerts", setup.gateway_id)
+            critical = [a for a in alerts if a.value["level"] == "critical"]
+            assert {a.key for a in critical} >= {"uv-1", "bod-m"}
+            for a in alerts:
+                assert a.key == a.value["sensorId"] and a.headers["source"] == "iot-gateway"
+                assert a.value["plantId"] == setup.plant and a.value["state"] == "raised"
+            # seq: unique per gateway, and increasing per sensor (one key, one partition).
+            records = readings + alerts
+            seqs_by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
+            for m in records:
+                seqs_by_key[m.topic, m.key].append(m.value["seq"])
+            assert len({m.value["seq"] for m in records}) == len(records), "a seq repeats"
+            for key, seqs in seqs_by_key.items():
+                assert seqs == sorted(seqs), f"{key}: seq not increasing {seqs}"
+            assert min(m.value["seq"] for m in records) > seq0
+
+            metrics = gw.metrics()
+            for name in DESIGN_METRICS:
+                assert name in metrics, f"/metrics lacks {name}"
+            assert gw.metric("iot_messages_received_total", source="modbus", plant_id=setup.plant)
+            assert gw.metric("iot_messages_received_total", source="mqtt", plant_id=setup.plant)
+            assert gw.metric("iot_alerts_triggered_total", level="critical", parameter="BOD") >= 2
+            assert gw.metric("iot_active_connections") >= 2  # the serial port and the broker
+            assert gw.metric("iot_kafka_delivered_total", topic=setup.raw_topic) > 0
+            buckets = {ls["le"] for ls, _ in metrics["iot_processing_latency_seconds_bucket"]}
+            assert {"0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1.0", "+Inf"} <= buckets
+            for name in (
+                "iot_buffer_bytes",
+                "iot_buffer_oldest_age_seconds",
+                "iot_delivery_latency_seconds_count",
+                "iot_modbus_requests_total",
+            ):
+                assert name in metrics, f"/metrics lacks {name}"
+
+            # SIGTERM while the probes are still polled: exit 0, and everything committed up to
+            # the stop reaches Kafka (forwarded before the exit, or after the next start).
+            last = stop_and_settle(gw, setup.buffer_path)
+            everything = set(range(seq0 + 1, last + 1))
+            wait_until(
+                lambda: everything <= kafka_seqs(kafka, setup.gateway_id),
+                120,
+                "every committed seq in Kafka",
+            )
+            assert kafka_seqs(kafka, setup.gateway_id) == everything
+            assert "Traceback" not in gw.all_logs()
+        finally:
+            if publisher is not None:
+                publisher.close()
+            gw.close()
+
+
+@pytest.mark.parametrize(
+    ("section", "bad_key"),
+    [("buffer", "max_rowz"), ("kafka", "bootstrap_server")],
+)
+def test_an_unknown_config_key_stops_the_gateway_naming_file_and_key(
+    tmp_path: Path, section: str, bad_key: str
+) -> None:
+    setup = GatewaySetup(tmp_path, UNREACHABLE_KAFKA, extra={section: {bad_key: 1}})
+    config = setup.write()
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert str(config) in done.stderr and f"{section}.{bad_key}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not setup.buffer_path.exists()  # nothing was started
+
+
+@pytest.mark.reliability
+def test_with_kafka_unreachable_drop_oldest_keeps_the_newest_readings_and_counts_drops(
+    pty_pair: Any, tmp_path: Path
+) -> None:
+    bound = 40
+    setup = GatewaySetup(
+        tmp_path,
+        UNREACHABLE_KAFKA,
+        pty=pty_pair.a,
+        interval=0.2,
+        buffer={"max_rows": bound, "overflow": "drop_oldest"},
+    )
+    gw = gateway_for(setup)
+    with Simulator(pty_pair.b, setup.probes):
+        try:
+            gw.start()
+            gw.wait_serving()
+            wait_until(
+                lambda: gw.metric("iot_buffer_dropped_total", reason="overflow") > 0,
+                90,
+                "rows dropped by the overflow policy",
+            )
+            first = gw.metric("iot_buffer_dropped_total", reason="overflow")
+            # still running, still polling and committing: more rows are dropped later
+            wait_until(
+                lambda: gw.metric("iot_buffer_dropped_total", reason="overflow") > first,
+                90,
+                "more drops",
+            )
+            wait_until(
+                lambda: check_of(gw, "kafka")["status"] == "unhealthy",
+                90,
+                "/health to report Kafka unreachable",
+            )
+            status, health = gw.health()
+            assert status == 503
+            buffer = health["checks"]["buffer"]
+            assert buffer["status"] == "unhealthy" and "drop" in buffer["error"], buffer
+            assert check_of(gw, "modbus")["status"] == "healthy"
+            assert gw.proc is not None and gw.proc.poll() is None
+
+            assert gw.terminate() == 0
+        finally:
+            gw.close()
+    # What is left is within the bound and is the newest: every seq from the oldest reading left
+    # to the last one committed is still there, and the overflow alarm is kept with them.
+    last, ids = buffer_state(setup.buffer_path)
+    con = sqlite3.connect(f"file:{setup.buffer_path}?mode=ro", uri=True)
+    try:
+        readings = [r[0] for r in con.execute("SELECT id FROM records WHERE kind = 'reading'")]
+        alarms = [
+            json.loads(r[0])
+            for r in con.execute("SELECT payload FROM records WHERE kind = 'alarm'")
+        ]
+    finally:
+        con.close()
+    assert 0 < len(readings) <= bound
+    assert set(range(min(readings), last + 1)) <= set(ids)
+    assert any(a["parameter"] == "buffer" and a["state"] == "raised" for a in alarms), alarms
+
+
+@pytest.mark.reliability
+def test_with_kafka_unreachable_block_holds_the_sources_back_and_keeps_running(
+    pty_pair: Any, tmp_path: Path
+) -> None:
+    bound = 40
+    setup = GatewaySetup(
+        tmp_path,
+        UNREACHABLE_KAFKA,
+        pty=pty_pair.a,
+        interval=0.2,
+        buffer={"max_rows": bound, "overflow": "block"},
+    )
+    gw = gateway_for(setup)
+    with Simulator(pty_pair.b, setup.probes):
+        try:
+            gw.start()
+            gw.wait_serving()
+
+            def held_back() -> bool:
+                check = check_of(gw, "buffer")
+                return check["status"] == "unhealthy" and "held back" in check.get("error", "")
+
+            wait_until(held_back, 90, "/health to say the sources are held back")
+            wait_until(
+                lambda: check_of(gw, "kafka")["status"] == "unhealthy",
+                90,
+                "/health to report Kafka unreachable",
+            )
+            status, health = gw.health()
+            assert status == 503
+            assert health["checks"]["buffer"]["rows"] <= bound
+            assert gw.metric("iot_buffer_dropped_total") == 0
+            # it keeps running (and keeps saying so) while Kafka stays away
+            time.sleep(3)
+            assert gw.proc is not None and gw.proc.poll() is None
+            assert held_back() and check_of(gw, "buffer")["rows"] <= bound
+            assert gw.terminate() == 0
+        finally:
+            gw.close()
+    assert "Traceback" not in gw.all_logs()
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(64 * 1024))
+
+
+def _damaged(path: Path) -> None:
+    """A real buffer file with readings in it, then some of its pages overwritten."""
+    from gateway.buffer import Buffer, BufferConfig
+    from gateway.metrics import Metrics
+    from gateway.model import Reading
+
+    with Buffer(BufferConfig(path=str(path)), "gw-old", Metrics()) as b:
+        b.submit_wait(
+            [Reading(f"s{i}", "pH", 7.0, "pH", time.time(), "old") for i in range(2000)], 30
+        )
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = bytearray(path.read_bytes())
+    assert len(data) > 8 * 4096
+    data[2 * 4096 : 6 * 4096] = os.urandom(4 * 4096)
+    path.write_bytes(data)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("spoil", [_garbage, _damaged], ids=["garbage", "damaged-pages"])
+def test_a_corrupt_buffer_file_is_moved_aside_and_the_gateway_runs(
+    kafka_env: dict[str, str], pty_pair: Any, tmp_path: Path, spoil: Any
+) -> None:
+    setup = GatewaySetup(tmp_path, kafka_env["KAFKA_BOOTSTRAP_SERVERS"], pty=pty_pair.a)
+    spoil(setup.buffer_path)
+    spoilt = setup.buffer_path.read_bytes()
+    gw = gateway_for(setup)
+    with (
+        Simulator(pty_pair.b, setup.probes),
+        KafkaCollector(setup.kafka, [setup.raw_topic]) as kafka,
+    ):
+        try:
+            gw.start()
+            gw.wait_serving()
+            aside = list(tmp_path.glob("buffer.db.corrupt-*"))
+            assert [p for p in aside if p.read_bytes() == spoilt], aside
+            assert "ERROR gateway.buffer" in gw.log() and "corrupt" in gw.log()
+            wait_until(
+                lambda: (
+                    {m.key for m in kafka.snapshot(setup.raw_topic)} >= {"ph-1", "uv-1", "cond-1"}
+                ),
+                90,
+                "new readings in Kafka",
+            )
+            wait_until(lambda: gw.health()[0] == 200, 60, "/health 200")
+            assert gw.terminate() == 0
+        finally:
+            gw.close()
