@@ -324,7 +324,8 @@ class Forwarder:
         producer = self._producer
         if producer is None:
             return
-        deadline = time.monotonic() + self._stop_timeout
+        unreachable = self._problem or self._down  # then no confirmation is coming: no wait
+        deadline = time.monotonic() + (0.5 if unreachable else self._stop_timeout)
         while self._in_flight and time.monotonic() < deadline:
             producer.poll(0.1)
             self._settle()

@@ -174,8 +174,11 @@ def test_config_resolves_the_password(monkeypatch, tmp_path):
     assert cfg.password == "s3cret"
     assert cfg.subscriptions[0].qos == 1
     with pytest.raises(ConfigError) as e:
-        MqttConfig.from_toml({"password": "env:MQTT_PW_UNSET_X"}, source="gw.toml")
+        MqttConfig.from_toml({**table, "password": "env:MQTT_PW_UNSET_X"}, source="gw.toml")
     assert e.value.key == "mqtt.password"
+    # A disabled source needs no secret: the file still checks on a machine without it.
+    off = MqttConfig.from_toml({"password": "env:MQTT_PW_UNSET_X"}, source="gw.toml")
+    assert not off.enabled
 
 
 # -------------------------------------------------------------------------- property tests
