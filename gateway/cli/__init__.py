@@ -37,10 +37,12 @@ def main() -> None:
 
 
 # Command groups register themselves on ``app`` here, after it exists.
-from gateway.cli import calibrate, run, simulate  # noqa: E402
+from gateway.cli import calibrate, processor, query, run, simulate  # noqa: E402
 
 app.add_typer(calibrate.app, name="calibrate")
 app.command("simulate")(simulate.simulate)
+app.add_typer(processor.app, name="processor")
+app.add_typer(query.app, name="query")
 app.command("run")(run.run)
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 config_app.command("check")(run.check)

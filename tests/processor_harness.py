@@ -1,0 +1,427 @@
+"""Shared by the processor's integration and reliability tests: test data, processor instances as
+subprocesses, and the checks that read results back from the real Kafka and InfluxDB.
+
+Each run gets its own plants, raw topics and output topics (a random run id), so runs never see
+each other's data on the shared servers. Event timestamps lie in a fixed past range of minutes, so
+windows close deterministically (grace, then idle flush once the partitions are read to the end).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+from influxdb_client import InfluxDBClient
+
+from gateway.model import Quality, Reading, format_ts
+from gateway.process.aggregate import WindowAggregate, aggregatable, window_start
+from gateway.process.query import Queries
+from gateway.process.setup import provision
+from gateway.process.store import InfluxConfig
+from gateway.validate import DEFAULT_RANGES
+
+ROOT = Path(__file__).resolve().parent.parent
+SENSORS = [
+    ("ph-1", "pH", "pH"),
+    ("ph-2", "pH", "pH"),
+    ("bod-1", "BOD", "mg/L"),
+    ("bod-2", "BOD", "mg/L"),
+    ("cod-1", "COD", "mg/L"),
+    ("tss-1", "TSS", "mg/L"),
+    ("tds-1", "TDS", "mg/L"),
+    ("temp-1", "temperature", "°C"),
+]
+
+
+def _value(rnd: random.Random, parameter: str, i: int) -> float:
+    if parameter == "pH":
+        return round(9.3 if i % 997 == 0 else rnd.uniform(6.8, 7.6), 3)  # some critical highs
+    if parameter == "BOD":
+        return round(140.0 if i % 1499 == 0 else rnd.uniform(8, 24), 3)
+    base = {"COD": (100, 200), "TSS": (40, 90), "TDS": (500, 700), "temperature": (15, 25)}
+    lo, hi = base[parameter]
+    return round(rnd.uniform(lo, hi), 3)
+
+
+@dataclass
+class Dataset:
+    """What a test produces: readings per raw topic, plus payloads that are not readings."""
+
+    run: str
+    plants: list[str]
+    readings: list[Reading]  # well-formed readings, in event-time order
+    odd: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # topic, key, payload
+
+    @property
+    def stored_expected(self) -> int:
+        """Raw points InfluxDB must hold: every reading, plus the string-valued one (bad)."""
+        return len(self.readings) + 1
+
+    def first_ts(self) -> float:
+        return self.readings[0].timestamp
+
+
+def make_dataset(total: int = 10_000, plants: int = 3, minutes: int = 10, seed: int = 1) -> Dataset:
+    run = uuid.uuid4().hex[:8]
+    names = [f"p{run}-{chr(ord('a') + k)}" for k in range(plants)]
+    rnd = random.Random(seed)
+    base = window_start(time.time()) - 40 * 60  # a fixed past range, well inside retention
+    span = minutes * 60.0
+    readings = []
+    used: set[tuple[str, str, float]] = set()
+    n = total - 2  # two odd payloads complete the total
+    for i in range(n):
+        plant = names[i % plants]
+        sensor, parameter, unit = SENSORS[(i // plants) % len(SENSORS)]
+        # Out of order by up to 4 s (within the 10 s grace): replays must cope with readings of
+        # a closed window that follow the first reading of the next one.
+        ts = base + round(i * span / n + rnd.uniform(-4, 4), 3)
+        while (plant, sensor, ts) in used:  # two readings of a sensor never share a timestamp
+            ts = round(ts + 0.001, 3)
+        used.add((plant, sensor, ts))
+        readings.append(
+            Reading(
+                sensor,
+                parameter,
+                _value(rnd, parameter, i),
+                unit,
+                ts,
+                plant_id=plant,
+                location="inlet",
+            )
+        )
+    assert readings[123].parameter == "pH"
+    readings[123].value = 15.5  # out of range: stored as bad, kept out of the windows
+    odd_ts = format_ts(base + span / 2)
+    string_value = {
+        "sensorId": "ph-1",
+        "plantId": names[0],
+        "parameter": "pH",
+        "value": "ERR",
+        "unit": "pH",
+        "timestamp": odd_ts,
+        "location": "inlet",
+    }
+    no_sensor = {"plantId": names[1], "parameter": "pH", "value": 7.0, "timestamp": odd_ts}
+    odd = [
+        (raw_topic(names[0]), b"ph-1", json.dumps(string_value).encode()),
+        (raw_topic(names[1]), b"", json.dumps(no_sensor).encode()),
+    ]
+    return Dataset(run, names, readings, odd)
+
+
+def raw_topic(plant: str) -> str:
+    return f"sensors.raw.{plant}"
+
+
+def produce(
+    kafka: dict[str, str], data: Dataset, *, seconds: float = 0.0, on_progress: Any = None
+) -> None:
+    """Produce the dataset to the raw topics, keyed by sensorId as the gateway does; paced over
+    ``seconds`` when given. ``on_progress(fraction)`` is called after each chunk."""
+    p = Producer(
+        {
+            "bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"],
+            "linger.ms": 5,
+            "enable.idempotence": True,
+        }
+    )
+    headers = [("content-type", b"application/json"), ("source", b"iot-gateway")]
+    msgs = [(raw_topic(r.plant_id), r.sensor_id.encode(), r.to_json()) for r in data.readings]
+    mid = len(msgs) // 2
+    msgs[mid:mid] = data.odd
+    chunks = 50
+    size = math.ceil(len(msgs) / chunks)
+    t0 = time.monotonic()
+    for c in range(chunks):
+        for topic, key, value in msgs[c * size : (c + 1) * size]:
+            while True:
+                try:
+                    p.produce(topic, value, key or None, headers=headers)
+                    break
+                except BufferError:
+                    p.poll(0.05)
+        p.poll(0)
+        if seconds:
+            p.flush(10)
+            delay = t0 + seconds * (c + 1) / chunks - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        if on_progress is not None:
+            on_progress((c + 1) / chunks)
+    assert p.flush(30) == 0, "test producer could not deliver"
+
+
+@dataclass
+class Processor:
+    """A processor configuration for one run, and its instances as subprocesses."""
+
+    data: Dataset
+    kafka: dict[str, str]
+    influx: dict[str, str]
+    workdir: Path
+    http_port: int = 0
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def topics(self) -> dict[str, str]:
+        r = self.data.run
+        return {k: f"t{r}.{k}" for k in ("validated", "alerts", "aggregated", "deadletter")}
+
+    def write_config(self) -> Path:
+        t = self.topics
+        path = self.workdir / "processor.toml"
+        path.write_text(
+            f"""
+[processor]
+bootstrap_servers = "{self.kafka["KAFKA_BOOTSTRAP_SERVERS"]}"
+group_id = "edge-processor-test-{self.data.run}"
+topic_pattern = '^sensors\\.raw\\.p{self.data.run}-.*'
+validated_topic = "{t["validated"]}"
+alerts_topic = "{t["alerts"]}"
+aggregated_topic = "{t["aggregated"]}"
+dead_letter_topic = "{t["deadletter"]}"
+grace_seconds = 10
+idle_flush_seconds = 6
+session_timeout_ms = 6000
+metadata_refresh_ms = 2000
+retry_max_seconds = 2
+http_port = {self.http_port}
+
+[influxdb]
+url = "{self.influx["INFLUXDB_URL"]}"
+org = "{self.influx.get("INFLUXDB_ORG", "plant-ops")}"
+token = "env:INFLUXDB_TOKEN"
+"""
+        )
+        return path
+
+    def start(self) -> subprocess.Popen[bytes]:
+        config = self.workdir / "processor.toml"
+        if not config.exists():
+            self.write_config()
+        n = len(self.procs)
+        log = (self.workdir / f"processor-{n}.log").open("wb")
+        env = {**os.environ, "INFLUXDB_TOKEN": self.influx["INFLUXDB_TOKEN"]}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "processor", "run", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def delete_topics(self) -> None:
+        """Remove the run's topics, so later processors subscribed to sensors.raw.* never see
+        test plants."""
+        admin = AdminClient({"bootstrap.servers": self.kafka["KAFKA_BOOTSTRAP_SERVERS"]})
+        names = [raw_topic(p) for p in self.data.plants] + list(self.topics.values())
+        existing = set(admin.list_topics(timeout=10).topics)
+        doomed = [t for t in names if t in existing]
+        for future in admin.delete_topics(doomed, operation_timeout=30).values():
+            future.result()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.workdir.glob("processor-*.log"))
+        )
+
+
+# --- reading results back --------------------------------------------------------------------
+
+
+def influx_config(influx: dict[str, str]) -> InfluxConfig:
+    return InfluxConfig(
+        url=influx["INFLUXDB_URL"],
+        org=influx.get("INFLUXDB_ORG", "plant-ops"),
+        token=influx["INFLUXDB_TOKEN"],
+        timeout_seconds=60,  # checks read whole runs back from a server the tests keep busy
+    )
+
+
+def ensure_buckets(influx: dict[str, str]) -> None:
+    cfg = influx_config(influx)
+    with cfg.client() as client:
+        provision(client, cfg)
+
+
+def _range(data: Dataset) -> tuple[datetime, datetime]:
+    t = data.first_ts()
+    return (datetime.fromtimestamp(t - 3600, UTC), datetime.fromtimestamp(t + 3 * 3600, UTC))
+
+
+def raw_points(client: InfluxDBClient, cfg: InfluxConfig, data: Dataset) -> list[dict[str, Any]]:
+    """Every stored raw point of the run's plants: one row per point with value and quality."""
+    start, stop = _range(data)
+    flux = """from(bucket: bucketName)
+  |> range(start: rangeStart, stop: rangeStop)
+  |> filter(fn: (r) => r._measurement == "water_quality")
+  |> filter(fn: (r) => contains(value: r.plant_id, set: plants))
+  |> filter(fn: (r) => r._field == "value" or r._field == "quality")
+  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")"""
+    params = {
+        "bucketName": cfg.bucket,
+        "rangeStart": start,
+        "rangeStop": stop,
+        "plants": data.plants,
+    }
+    tables = client.query_api().query(flux, org=cfg.org, params=params)
+    return [rec.values for t in tables for rec in t.records]
+
+
+def windows_from_raw(points: list[dict[str, Any]]) -> dict[tuple[str, str, int], WindowAggregate]:
+    """The 1-minute aggregates computed directly from stored raw readings (bad ones left out)."""
+    out: dict[tuple[str, str, int], WindowAggregate] = {}
+    for p in sorted(points, key=lambda p: (p["_time"], p["sensor_id"])):
+        r = Reading(
+            p["sensor_id"],
+            p["parameter"],
+            p.get("value"),
+            "",
+            p["_time"].timestamp(),
+            plant_id=p["plant_id"],
+            quality=Quality(p["quality"]),
+        )
+        if not aggregatable(r):
+            continue
+        assert r.value is not None
+        key = (r.plant_id, r.parameter, window_start(r.timestamp))
+        if key not in out:
+            out[key] = WindowAggregate.first(r, key[2], "raw", 60)
+        else:
+            out[key].add(r.value, r.timestamp, r.sensor_id)
+    return out
+
+
+def stored_windows(
+    client: InfluxDBClient, cfg: InfluxConfig, data: Dataset
+) -> dict[tuple[str, str, int], WindowAggregate]:
+    start, stop = _range(data)
+    q = Queries(client, cfg)
+    return {
+        (w.plant_id, w.parameter, w.start): w
+        for plant in data.plants
+        for w in q.windows(plant, start, stop)
+    }
+
+
+def expected_aggregatable(data: Dataset) -> int:
+    def in_range(r: Reading) -> bool:
+        low, high = DEFAULT_RANGES[r.parameter]
+        return r.value is not None and low <= r.value <= high
+
+    return sum(1 for r in data.readings if in_range(r))
+
+
+def wait_until_done(
+    client: InfluxDBClient,
+    cfg: InfluxConfig,
+    data: Dataset,
+    proc: Processor,
+    timeout: float = 120.0,
+) -> None:
+    """Until every raw point is stored and every window is closed and written."""
+    want_raw, want_agg = data.stored_expected, expected_aggregatable(data)
+    deadline = time.monotonic() + timeout
+    raw = agg = -1
+    while time.monotonic() < deadline:
+        try:
+            raw = len(raw_points(client, cfg, data))
+            agg = sum(w.count for w in stored_windows(client, cfg, data).values())
+        except Exception:  # InfluxDB restarting
+            raw = agg = -1
+        if raw == want_raw and agg == want_agg:
+            return
+        for p in proc.procs:
+            if p.poll() not in (None, -signal.SIGKILL):
+                raise AssertionError(f"a processor exited ({p.returncode}):\n{proc.logs()}")
+        time.sleep(1.0)
+    raise AssertionError(
+        f"not done after {timeout} s: raw {raw}/{want_raw}, aggregated {agg}/{want_agg}\n"
+        + proc.logs()
+    )
+
+
+def assert_windows_match_raw(client: InfluxDBClient, cfg: InfluxConfig, data: Dataset) -> int:
+    """Every stored 1-minute aggregate equals the one computed from the stored raw readings."""
+    expected = windows_from_raw(raw_points(client, cfg, data))
+    got = stored_windows(client, cfg, data)
+    assert got.keys() == expected.keys()
+    for key, w in got.items():
+        e = expected[key]
+        assert (w.count, w.min, w.max, w.latest, w.latest_time) == (
+            e.count,
+            e.min,
+            e.max,
+            e.latest,
+            e.latest_time,
+        ), key
+        assert w.avg == pytest_approx(e.avg), key
+    return len(got)
+
+
+def pytest_approx(v: float) -> Any:
+    import pytest
+
+    return pytest.approx(v, rel=1e-12, abs=1e-12)
+
+
+def read_topic(
+    kafka: dict[str, str], topic: str, expect_at_least: int, timeout: float = 30.0
+) -> list[Any]:
+    """All messages of a topic (from the beginning), once at least ``expect_at_least`` came."""
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"],
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    c.subscribe([topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for m in c.consume(5000, 1.0):
+                if m.error() is None:
+                    out.append(m)
+            if len(out) >= expect_at_least:
+                # drain what is left
+                more = c.consume(5000, 2.0)
+                out.extend(m for m in more if m.error() is None)
+                if not more:
+                    break
+    finally:
+        c.close()
+    return out

@@ -1,0 +1,233 @@
+"""1-minute windows: grace, late readings, idle flush, partial merge and the offsets they pin."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.model import Quality, Reading
+from gateway.process.aggregate import (
+    Outcome,
+    PartitionWindows,
+    WindowAggregate,
+    merge,
+    window_start,
+)
+
+T0 = 1_790_000_040  # a minute boundary
+NOW = T0 + 3600.0  # wall clock well after the data (historical replay)
+
+
+def reading(ts: float, value: float = 1.0, *, plant="north", parameter="pH", sensor="ph-1"):
+    return Reading(sensor, parameter, value, "pH", ts, plant_id=plant)
+
+
+def windows(**kw) -> PartitionWindows:
+    kw.setdefault("grace_seconds", 10)
+    kw.setdefault("idle_flush_seconds", 30)
+    return PartitionWindows("sensors.raw.north/0", **kw)
+
+
+def test_window_closes_once_the_watermark_passes_end_plus_grace():
+    pw = windows()
+    for i, v in enumerate([7.0, 6.5, 8.0]):
+        assert pw.add(reading(T0 + 10 * i, v), offset=i, now=NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 69.9, 7.2), offset=3, now=NOW) is Outcome.ADDED
+    assert pw.take_closed() == []  # 69.9 - 10 < 60: still within grace
+    pw.add(reading(T0 + 70, 7.3), offset=4, now=NOW)
+    (w,) = pw.take_closed()
+    assert (w.plant_id, w.parameter, w.start, w.end) == ("north", "pH", T0, T0 + 60)
+    assert (w.count, w.min, w.max, w.latest) == (3, 6.5, 8.0, 8.0)
+    assert w.avg == pytest.approx(21.5 / 3)
+    assert w.source == "sensors.raw.north/0"
+
+
+def test_a_reading_within_grace_still_counts_in_its_window():
+    pw = windows()
+    pw.add(reading(T0 + 1, 1.0), 0, NOW)
+    pw.add(reading(T0 + 65, 2.0), 1, NOW)
+    assert pw.add(reading(T0 + 59, 3.0), 2, NOW) is Outcome.ADDED  # 6 s late, grace is 10 s
+    pw.add(reading(T0 + 130, 4.0), 3, NOW)
+    first, second = sorted(pw.take_closed(), key=lambda w: w.start)
+    assert (first.count, first.latest) == (2, 3.0)
+    assert (second.count, second.latest) == (1, 2.0)
+
+
+def test_late_beyond_grace_is_reported_and_never_reopens_the_window():
+    pw = windows()
+    pw.add(reading(T0 + 1, 1.0), 0, NOW)
+    pw.add(reading(T0 + 75, 2.0), 1, NOW)
+    (w,) = pw.take_closed()
+    assert pw.add(reading(T0 + 30, 9.0), 2, NOW) is Outcome.LATE
+    assert pw.take_closed() == []
+    assert w.count == 1
+
+
+def test_idle_flush_closes_a_quiet_plant_on_wall_time():
+    pw = windows(idle_flush_seconds=30)
+    pw.add(reading(T0 + 5, 1.0), 0, now=100.0 + NOW)
+    pw.add(reading(T0 + 6, 2.0, plant="south"), 1, now=120.0 + NOW)
+    pw.flush_idle(now=129.0 + NOW)
+    assert pw.take_closed() == []
+    pw.flush_idle(now=130.0 + NOW)
+    (w,) = pw.take_closed()
+    assert w.plant_id == "north"
+    # the quiet plant's next reading for that minute is late; the other plant is unaffected
+    assert pw.add(reading(T0 + 50, 3.0), 2, now=131.0 + NOW) is Outcome.LATE
+    assert pw.add(reading(T0 + 50, 3.0, plant="south"), 3, now=131.0 + NOW) is Outcome.ADDED
+
+
+def test_bad_and_valueless_readings_are_kept_out_of_windows():
+    pw = windows()
+    bad = reading(T0 + 1, 99.0)
+    bad.flag(Quality.BAD, "out_of_range")
+    assert pw.add(bad, 0, NOW) is Outcome.SKIPPED
+    assert pw.add(Reading("ph-1", "pH", None, "pH", T0 + 2, plant_id="north"), 1, NOW) is (
+        Outcome.SKIPPED
+    )
+    uncertain = reading(T0 + 3, 5.0)
+    uncertain.flag(Quality.UNCERTAIN, "spike")
+    assert pw.add(uncertain, 2, NOW) is Outcome.ADDED
+    assert pw.open_windows == 1
+
+
+def test_a_timestamp_far_in_the_future_does_not_close_everything():
+    pw = windows()
+    pw.add(reading(T0 + 1), 0, NOW)
+    assert pw.add(reading(NOW + 86_400), 1, NOW) is Outcome.FUTURE
+    assert pw.take_closed() == []
+
+
+def test_commit_point_is_the_lowest_offset_an_open_window_needs():
+    pw = windows()
+    assert pw.commit_point() is None
+    pw.add(reading(T0 + 1, parameter="pH"), 10, NOW)
+    pw.add(reading(T0 + 2, parameter="BOD"), 11, NOW)
+    pw.seen(12)  # a dead-lettered message
+    assert pw.lowest_needed_offset() == 10
+    assert pw.commit_point().offset == 10
+    pw.add(reading(T0 + 61, parameter="BOD"), 13, NOW)  # next minute, both still within grace
+    assert pw.commit_point().offset == 10
+    pw.add(reading(T0 + 71, parameter="BOD"), 14, NOW)  # closes the first minute of both
+    assert {w.parameter for w in pw.take_closed()} == {"pH", "BOD"}
+    assert pw.commit_point().offset == 13
+    pw.flush_idle(now=NOW + 31)
+    assert len(pw.take_closed()) == 1
+    assert pw.commit_point().offset == 15  # nothing open: everything up to the last message
+
+
+def test_without_open_windows_commit_moves_past_unaggregated_messages():
+    pw = windows()
+    pw.seen(41)
+    assert pw.commit_point().offset == 42
+
+
+def _feed(pw: PartitionWindows, msgs, start=0, stop=None, now=NOW):
+    for off in range(start, len(msgs) if stop is None else stop):
+        pw.add(msgs[off], off, now)
+
+
+def _stream(seed: int, n: int = 600) -> list[Reading]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        ts = T0 + i * 0.5 + rnd.uniform(-6, 6)  # out of order, within the 10 s grace
+        out.append(reading(ts, round(rnd.uniform(6, 8), 2), parameter=rnd.choice(["pH", "BOD"])))
+    return out
+
+
+def _by_window(ws: list[WindowAggregate]) -> dict:
+    return {(w.parameter, w.start): (w.count, w.min, w.max, w.latest, w.sum) for w in ws}
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 599), commit_every=st.integers(1, 50))
+def test_replay_from_the_committed_checkpoint_rebuilds_exactly(seed, crash_at, commit_every):
+    """A crash anywhere, replayed from the last commit, writes the same windows as no crash."""
+    msgs = _stream(seed)
+    ref = windows()
+    _feed(ref, msgs)
+    ref.flush_idle(NOW + 1000)
+    expected = _by_window(ref.take_closed())
+
+    written: dict = {}
+    pw = windows()
+    committed = None
+    for off in range(crash_at):
+        pw.add(msgs[off], off, NOW)
+        if off % commit_every == 0:
+            written.update(_by_window(pw.take_closed()))  # written, then committed
+            committed = pw.commit_point()
+    # crash: uncommitted progress and open windows are lost; closed-but-unwritten ones too
+    restart = windows(checkpoint=committed.metadata if committed else None)
+    _feed(restart, msgs, start=committed.offset if committed else 0)
+    restart.flush_idle(NOW + 1000)
+    for w in restart.take_closed():
+        written[(w.parameter, w.start)] = _by_window([w])[(w.parameter, w.start)]
+    assert written == expected
+
+
+def test_replayed_readings_of_written_windows_are_not_counted_as_late():
+    pw = windows()
+    pw.add(reading(T0 + 61), 0, NOW)  # minute 1 opens at offset 0
+    pw.add(reading(T0 + 55), 1, NOW)  # minute 0, within grace
+    pw.add(reading(T0 + 75), 2, NOW)  # closes minute 0 only
+    (w,) = pw.take_closed()
+    assert (w.start, w.count) == (T0, 1)
+    cp = pw.commit_point()
+    assert cp.offset == 0  # minute 1 is still open and needs offset 0
+    again = windows(checkpoint=cp.metadata)
+    assert again.add(reading(T0 + 61), 0, NOW) is Outcome.ADDED
+    assert again.add(reading(T0 + 55), 1, NOW) is Outcome.REPLAYED  # already written
+    assert again.add(reading(T0 + 75), 2, NOW) is Outcome.ADDED
+    assert again.add(reading(T0 + 56), 3, NOW) is Outcome.LATE  # new message, closed window
+
+
+def test_merging_partials_equals_aggregating_everything_at_once():
+    rnd = random.Random(7)
+    rs = [
+        reading(T0 + rnd.uniform(0, 59.999), rnd.uniform(0, 14), sensor=f"s{i % 5}")
+        for i in range(300)
+    ]
+    whole = windows()
+    parts = [windows(), windows(), windows()]
+    for i, r in enumerate(rs):
+        whole.add(r, i, NOW)
+    for i, r in enumerate(rs):
+        p = parts[int(r.sensor_id[1:]) % 3]
+        p.source = f"t/{int(r.sensor_id[1:]) % 3}"
+        p.add(r, i, NOW)
+    for p in [whole, *parts]:
+        p.flush_idle(NOW + 1000)
+    (all_in_one,) = whole.take_closed()
+    partials = [w for p in parts for w in p.take_closed()]
+    merged = merge(partials)
+    assert merged == merge(reversed(partials))
+    assert (merged.count, merged.min, merged.max, merged.latest, merged.latest_time) == (
+        all_in_one.count,
+        all_in_one.min,
+        all_in_one.max,
+        all_in_one.latest,
+        all_in_one.latest_time,
+    )
+    assert merged.avg == pytest.approx(all_in_one.avg, rel=1e-12)
+
+
+def test_merge_refuses_partials_of_different_windows():
+    a = WindowAggregate.first(reading(T0 + 1), T0, "t/0", 60)
+    b = WindowAggregate.first(reading(T0 + 61), T0 + 60, "t/1", 60)
+    with pytest.raises(ValueError):
+        merge([a, b])
+
+
+def test_window_start_floors_to_the_minute():
+    assert window_start(T0 + 59.999) == T0
+    assert window_start(T0 - 0.001) == T0 - 60
+
+
+def test_checkpoint_from_someone_else_is_ignored():
+    pw = windows(checkpoint="not json")
+    assert pw.add(reading(T0), 0, NOW) is Outcome.ADDED

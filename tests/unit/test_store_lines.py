@@ -1,0 +1,97 @@
+"""What InfluxDB receives: line protocol whose identity makes replays harmless, and raw messages
+that become readings (bad ones included) or dead letters with a reason."""
+
+from __future__ import annotations
+
+import json
+
+from gateway.model import AlarmEvent, Quality, Reading, Rejection
+from gateway.process.aggregate import WindowAggregate
+from gateway.process.consume import decode
+from gateway.process.store import alarm_line, reading_line, window_line
+
+TS = 1_790_000_000.123
+
+
+def test_a_reading_becomes_one_water_quality_point_with_the_design_schema():
+    r = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north", location="aeration 1")
+    assert reading_line(r) == (
+        "water_quality,location=aeration\\ 1,parameter=pH,plant_id=north,sensor_id=ph-1 "
+        'quality="good",unit="pH",value=7.0 1790000000123'
+    )
+
+
+def test_the_same_reading_twice_gives_the_same_point_identity():
+    a = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north")
+    b = Reading("ph-1", "pH", 7.0, "pH", TS + 0.0001, plant_id="north")  # same millisecond
+    assert reading_line(a) == reading_line(b)
+
+
+def test_tag_and_string_values_are_escaped():
+    r = Reading('s,1="x"', "pH", None, 'p"H', TS, plant_id="a b=c")
+    r.flag(Quality.BAD, "timeout")
+    line = reading_line(r)
+    assert line.startswith('water_quality,parameter=pH,plant_id=a\\ b\\=c,sensor_id=s\\,1\\="x" ')
+    assert 'unit="p\\"H"' in line and "value=" not in line and 'reasons="timeout"' in line
+
+
+def test_windows_and_alarms_are_points_too():
+    w = WindowAggregate(
+        "north",
+        "BOD",
+        1_790_000_040,
+        3,
+        60.0,
+        10.0,
+        30.0,
+        20.0,
+        TS,
+        "b-1",
+        "mg/L",
+        "sensors.raw.north/2",
+    )
+    assert window_line(w).startswith(
+        "water_quality,parameter=BOD,plant_id=north,source=sensors.raw.north/2 count=3i,sum=60.0"
+    )
+    assert window_line(w).endswith(" 1790000040000")
+    e = AlarmEvent(
+        "a1",
+        "e1",
+        "b-1",
+        "north",
+        "BOD",
+        "HH",
+        "critical",
+        "raised",
+        120.0,
+        100.0,
+        TS,
+        "BOD 120 mg/L above critical limit 100 (HH)",
+    )
+    assert alarm_line(e).startswith(
+        "alerts,condition=HH,level=critical,parameter=BOD,plant_id=north,sensor_id=b-1,"
+        "state=raised "
+    )
+
+
+def test_a_string_value_becomes_a_bad_reading_without_value():
+    payload = json.dumps(
+        {"sensorId": "ph-1", "parameter": "pH", "value": "ERR", "timestamp": "2026-11-28T06:00:00Z"}
+    ).encode()
+    r = decode(payload, "north")
+    assert isinstance(r, Reading)
+    assert (r.value, r.quality, r.quality_reasons, r.plant_id) == (
+        None,
+        Quality.BAD,
+        ["not_numeric:str"],
+        "north",
+    )
+
+
+def test_payloads_without_a_readings_identity_are_rejected_with_a_reason():
+    assert decode(b'{"parameter": "pH", "value": 7}', "north") == Rejection(
+        "missing_field", "sensorId"
+    )
+    assert isinstance(decode(b"\xff\xfe", "north"), Rejection)
+    assert decode(None, "north").reason == "empty"
+    assert decode(b"[1, 2]", "north").reason == "not_an_object"
