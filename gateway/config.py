@@ -30,6 +30,27 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {expected}")
 
 
+# One file may configure both services; each reads its own sections and knows the other's names,
+# so a misspelt section is an error in either.
+GATEWAY_SECTIONS = frozenset(
+    {"gateway", "modbus", "mqtt", "calibration", "deadletter", "buffer", "kafka", "http"}
+)
+PROCESSOR_SECTIONS = frozenset({"processor", "influxdb"})
+SHARED_SECTIONS = frozenset({"validation", "alarms"})
+
+
+def check_sections(data: dict[str, Any], source: str | Path) -> None:
+    known = GATEWAY_SECTIONS | PROCESSOR_SECTIONS | SHARED_SECTIONS
+    for name, table in data.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else ""
+            expected = ", ".join(sorted(known))
+            raise ConfigError(source, name, f"unknown section{hint}; expected one of: {expected}")
+        if not isinstance(table, dict):
+            raise ConfigError(source, name, f"expected a table ([{name}])")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:

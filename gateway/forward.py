@@ -15,13 +15,13 @@ import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from gateway.buffer import Buffer, BufferClosed, Row
-from gateway.config import secret
+from gateway.kafka_client import KafkaConnection
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,10 @@ DOWN_GRACE_S = 10.0
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-@dataclass
-class ForwardConfig:
-    """TOML ``[kafka]``."""
+@dataclass(kw_only=True)
+class ForwardConfig(KafkaConnection):
+    """TOML ``[kafka]``: the connection, and how readings become Kafka records."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-256"
-    sasl_username: str = ""
-    sasl_password: str = ""  # env:NAME or file:/path, never the password itself
-    ssl_ca_location: str = ""
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     linger_ms: int = 20
     batch_size: int = 1_000_000  # bytes per partition batch
@@ -61,18 +55,15 @@ class ForwardConfig:
     fetch_batch: int = 5000  # rows read from the buffer at a time
     max_in_flight: int = 50000  # rows produced, not yet confirmed: ~20 MB at most
     stall_timeout_s: float = 30.0  # unhealthy when rows wait this long without any confirmation
-    extra: dict[str, str | int | bool] = field(default_factory=dict)  # other librdkafka settings
 
     def __post_init__(self) -> None:
-        if self.security_protocol.startswith("SASL") and not self.sasl_username:
-            raise ValueError(f"sasl_username is required with {self.security_protocol}")
+        super().__post_init__()
         if self.fetch_batch < 1 or self.max_in_flight < 1:
             raise ValueError("fetch_batch and max_in_flight must be at least 1")
 
     def producer_config(self) -> dict[str, Any]:
-        conf: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "security.protocol": self.security_protocol,
+        conf = self.client_conf(client_id="edge-gateway", section="kafka")
+        conf |= {
             "enable.idempotence": True,
             "acks": "all",
             "max.in.flight.requests.per.connection": 5,
@@ -84,17 +75,7 @@ class ForwardConfig:
             # of its partition, and resending the failed one would put it after its successor.
             "message.timeout.ms": 0,
             "queue.buffering.max.messages": max(2 * self.max_in_flight, 10000),
-            "client.id": "edge-gateway",
-            "reconnect.backoff.max.ms": 10000,
         }
-        if self.security_protocol.startswith("SASL"):
-            conf["sasl.mechanism"] = self.sasl_mechanism
-            conf["sasl.username"] = self.sasl_username
-            conf["sasl.password"] = secret(
-                self.sasl_password, source="[kafka]", key="kafka.sasl_password"
-            )
-        if self.ssl_ca_location:
-            conf["ssl.ca.location"] = self.ssl_ca_location
         conf.update(self.extra)
         return conf
 

@@ -16,12 +16,10 @@ from gateway.acquire.modbus import ModbusConfig, load_modbus_config
 from gateway.acquire.mqtt import MqttConfig
 from gateway.alarms import AlarmConfig
 from gateway.buffer import BufferConfig
-from gateway.config import ConfigError, build, load_toml
+from gateway.config import PROCESSOR_SECTIONS, build, check_sections, load_toml
 from gateway.forward import ForwardConfig
 from gateway.serve import HttpConfig
 from gateway.validate import ValidationConfig
-
-PROCESSOR_SECTIONS = {"processor", "influxdb"}
 
 
 @dataclass
@@ -82,19 +80,17 @@ _PLAIN = {
 def load_gateway_config(path: str | Path) -> GatewayConfig:
     """Read and check the whole file; the first problem raises ConfigError naming file and key."""
     data = load_toml(path)
+    check_sections(data, path)
     sections: dict[str, Any] = {}
     for name, table in data.items():
         if name in PROCESSOR_SECTIONS:
             continue
-        if not isinstance(table, dict):
-            raise ConfigError(path, name, "expected a table ([" + name + "])")
         if name == "modbus":
             sections[name] = load_modbus_config(table, source=path)
         elif name == "mqtt":
             sections[name] = MqttConfig.from_toml(table, source=path)
-        elif name in _PLAIN:
-            sections[name] = build(_PLAIN[name], table, source=path, prefix=name)
         else:
-            known = ", ".join(sorted([*_PLAIN, "modbus", "mqtt", *PROCESSOR_SECTIONS]))
-            raise ConfigError(path, name, f"unknown section; expected one of: {known}")
-    return GatewayConfig(source=str(path), **sections)
+            sections[name] = build(_PLAIN[name], table, source=path, prefix=name)
+    config = GatewayConfig(source=str(path), **sections)
+    config.kafka.source = str(path)
+    return config

@@ -34,10 +34,14 @@ def run(
 
 def check(config: ConfigPath = Path("config.toml")) -> None:
     """Check a config file and every probe profile it names, without starting anything."""
+    from gateway.config import PROCESSOR_SECTIONS, load_toml
+    from gateway.process.service import load as load_processor_settings
     from gateway.settings import load_gateway_config
 
     try:
         cfg = load_gateway_config(config)
+        if PROCESSOR_SECTIONS & load_toml(config).keys():
+            load_processor_settings(config)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
 from gateway.alarms import AlarmConfig, AlarmEngine
-from gateway.config import build, load_toml, secret
+from gateway.config import build, check_sections, load_toml
+from gateway.kafka_client import KafkaConnection
 from gateway.metrics import Metrics
 from gateway.model import now_ts
 from gateway.process.consume import RawConsumer
@@ -30,16 +31,10 @@ log = logging.getLogger(__name__)
 Check = tuple[bool, dict[str, Any]]
 
 
-@dataclass
-class ProcessorConfig:
-    """TOML ``[processor]``."""
+@dataclass(kw_only=True)
+class ProcessorConfig(KafkaConnection):
+    """TOML ``[processor]``: the Kafka connection, the consumer group and the windows."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-256"
-    sasl_username: str = ""
-    sasl_password: str = ""  # env:NAME or file:/path
-    ssl_ca_location: str = ""
     group_id: str = "edge-processor"
     topic_pattern: str = r"^sensors\.raw\..*"
     validated_topic: str = "sensors.validated"
@@ -56,17 +51,15 @@ class ProcessorConfig:
     metadata_refresh_ms: int = 30_000  # how soon a new plant topic is picked up
     http_host: str = "127.0.0.1"
     http_port: int = 9181  # /metrics and /health; 0 disables
-    extra: dict[str, str | int | bool] = field(default_factory=dict)  # other librdkafka settings
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.topic_pattern.startswith("^"):
             raise ValueError("topic_pattern must be a regex starting with ^ (librdkafka's rule)")
         try:
             re.compile(self.topic_pattern[1:])
         except re.error as e:
             raise ValueError(f"topic_pattern is not a valid regex: {e}") from None
-        if self.security_protocol.startswith("SASL") and not self.sasl_username:
-            raise ValueError(f"sasl_username is required with {self.security_protocol}")
         if self.batch_size < 1 or self.batch_timeout <= 0:
             raise ValueError("batch_size must be at least 1 and batch_timeout positive")
         if self.grace_seconds < 0 or self.idle_flush_seconds <= 0:
@@ -74,23 +67,8 @@ class ProcessorConfig:
         if not 0 <= self.http_port <= 65535:
             raise ValueError("http_port must be between 0 and 65535")
 
-    def kafka_conf(self, source: str = "config") -> dict[str, Any]:
-        conf: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "security.protocol": self.security_protocol,
-            "client.id": "edge-processor",
-            "reconnect.backoff.max.ms": 10000,
-        }
-        if self.security_protocol.startswith("SASL"):
-            conf["sasl.mechanism"] = self.sasl_mechanism
-            conf["sasl.username"] = self.sasl_username
-            conf["sasl.password"] = secret(
-                self.sasl_password, source=source, key="processor.sasl_password"
-            )
-        if self.ssl_ca_location:
-            conf["ssl.ca.location"] = self.ssl_ca_location
-        conf.update(self.extra)
-        return conf
+    def kafka_conf(self) -> dict[str, Any]:
+        return self.client_conf(client_id="edge-processor", section="processor") | self.extra
 
 
 @dataclass
@@ -106,13 +84,16 @@ class ProcessorSettings:
 
 def load(path: str | Path) -> ProcessorSettings:
     data = load_toml(path)
+    check_sections(data, path)
     src = str(path)
 
     def section(cls: Any, name: str) -> Any:
         return build(cls, data.get(name, {}), source=src, prefix=name)
 
+    processor = section(ProcessorConfig, "processor")
+    processor.source = src
     return ProcessorSettings(
-        processor=section(ProcessorConfig, "processor"),
+        processor=processor,
         influxdb=section(InfluxConfig, "influxdb"),
         validation=section(ValidationConfig, "validation"),
         alarms=section(AlarmConfig, "alarms"),
@@ -127,7 +108,7 @@ class ProcessorService:
         self.settings = settings
         self.metrics = metrics or Metrics(CollectorRegistry())
         cfg = settings.processor
-        self._kafka_conf = cfg.kafka_conf(settings.source)
+        self._kafka_conf = cfg.kafka_conf()
         self.store = InfluxStore(settings.influxdb, self.metrics, source=settings.source)
         self.consumer = RawConsumer(
             cfg,
