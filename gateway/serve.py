@@ -10,7 +10,6 @@ import hmac
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.buffer import Buffer, BufferClosed
 from gateway.config import secret
+from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.model import Reading, Record, Rejection, format_ts, now_ts, reading_from_dict
 
@@ -65,8 +65,7 @@ class HttpServer:
         self._token = secret(config.token, source="[http]", key="http.token").encode()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._rejects = 0
-        self._last_reject_log = -1e9
+        self._reject_log = RateLimitedLog(log, 10.0)  # a misbehaving device must not flood it
 
     def add_check(self, name: str, check: HealthCheck) -> None:
         self.checks[name] = check
@@ -152,11 +151,7 @@ class HttpServer:
 
     def _rejected(self, reason: str) -> None:
         self.metrics.rejected_payloads.labels("http", reason).inc()
-        self._rejects += 1
-        now = time.monotonic()
-        if now - self._last_reject_log >= 10.0:  # a misbehaving device must not flood the log
-            log.warning("HTTP ingest rejected %d readings (latest: %s)", self._rejects, reason)
-            self._rejects, self._last_reject_log = 0, now
+        self._reject_log.warning(reason, "HTTP ingest rejected a reading: %s", reason)
 
 
 def _parse(items: Sequence[Any], plant_id: str) -> tuple[list[Reading], list[dict[str, Any]]]:

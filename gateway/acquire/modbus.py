@@ -33,6 +33,7 @@ from gateway.acquire.frames import (
 )
 from gateway.acquire.transport import RtuTransport, TcpTransport
 from gateway.config import ConfigError, build
+from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.model import Quality, Reading, Record, now_ts
 from gateway.profiles import Profile, SerialDefaults, load_profile
@@ -236,20 +237,6 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-class _Limited:
-    """Log a recurring problem at most once a minute per key (a dead probe fails every poll)."""
-
-    def __init__(self, every: float = 60.0) -> None:
-        self.every = every
-        self._last: dict[str, float] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -self.every) >= self.every:
-            self._last[key] = now
-            log.warning(msg, *args)
-
-
 class BusWorker:
     """Owns a bus (serial port or TCP connection): one thread, one lock, devices polled in turn."""
 
@@ -259,7 +246,7 @@ class BusWorker:
         self._transport = transport
         self._sink = sink
         self._metrics = metrics
-        self._log = _Limited()
+        self._log = RateLimitedLog(log, 60.0)  # a dead probe fails every poll
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"modbus {bus.label}", daemon=True)
 

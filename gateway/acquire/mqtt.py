@@ -19,7 +19,6 @@ import math
 import re
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import build, secret
 from gateway.deadletter import DeadLetterStore
+from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.model import (
     EARLIEST_TS,
@@ -356,28 +356,6 @@ def _isa95_ts(ts: Any, received_at: float) -> float | Rejection:
 
 
 # ---------------------------------------------------------------- the source
-
-
-class RateLimitedLog:
-    """At most one log line per key per ``interval`` seconds, saying how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval: float) -> None:
-        self._logger, self._interval = logger, interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -math.inf) < self._interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
-            self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            msg += f" ({suppressed} more like this suppressed)"
-        self._logger.warning(msg, *args)
 
 
 class MqttSource:
