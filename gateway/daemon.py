@@ -20,13 +20,14 @@ from gateway.acquire.mqtt import MqttSource
 from gateway.alarms import AlarmEngine
 from gateway.buffer import Buffer
 from gateway.calibrate import CalibrationStore
+from gateway.config import ConfigError
 from gateway.deadletter import DeadLetterStore
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics
 from gateway.model import Reading, Record
 from gateway.pipeline import EdgePipeline
 from gateway.serve import HttpServer
-from gateway.settings import GatewayConfig
+from gateway.settings import GatewayConfig, load_gateway_config
 from gateway.validate import Validator
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ class GatewayDaemon:
             process=self.pipeline.process_batch,
             plant_id=gw.plant_id,
         )
-        self._stop = threading.Event()
 
     # -- the one path every reading takes ------------------------------------------------------
 
@@ -123,11 +123,40 @@ class GatewayDaemon:
         devices = self.modbus.health()
         return all(d["status"] == "healthy" for d in devices.values()), {"devices": devices}
 
-    def run_until_signalled(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
-        self.start()
-        try:
-            self._stop.wait()
-        finally:
-            self.stop()
+
+def run_until_signalled(config_path: str | Path) -> None:
+    """Run until SIGTERM or SIGINT. SIGHUP reloads: the file is read and checked again, and only
+    if it is good are the stages stopped (in order, nothing lost) and started anew with it; a bad
+    file is logged and the running gateway carries on. Fixed Kafka credentials need no restart.
+    """
+    wake, stop, reload = threading.Event(), threading.Event(), threading.Event()
+
+    def on_signal(flag: threading.Event) -> Callable[..., None]:
+        def handler(*_: object) -> None:
+            flag.set()
+            wake.set()
+
+        return handler
+
+    signal.signal(signal.SIGTERM, on_signal(stop))
+    signal.signal(signal.SIGINT, on_signal(stop))
+    signal.signal(signal.SIGHUP, on_signal(reload))
+    daemon = GatewayDaemon(load_gateway_config(config_path))
+    daemon.start()
+    try:
+        while not stop.is_set():
+            wake.wait()
+            wake.clear()
+            if reload.is_set() and not stop.is_set():
+                reload.clear()
+                try:
+                    config = load_gateway_config(config_path)
+                except ConfigError as e:
+                    log.error("reload refused, the running configuration stays: %s", e)
+                    continue
+                log.info("reloading %s", config_path)
+                daemon.stop()
+                daemon = GatewayDaemon(config)
+                daemon.start()
+    finally:
+        daemon.stop()

@@ -336,7 +336,8 @@ class Forwarder:
                 code,
                 f"Kafka refused the gateway ({err.str()}): user {cfg.sasl_username!r} at "
                 f"{cfg.bootstrap_servers} ({cfg.security_protocol}). Readings stay buffered; fix "
-                "[kafka] sasl_username/sasl_password/ssl_ca_location and restart the gateway.",
+                "[kafka] sasl_username/sasl_password/ssl_ca_location, then reload the gateway "
+                "(SIGHUP: systemctl reload edge-gateway) or restart it.",
                 serious=True,
             )
         elif code in DOWN_ERRORS:

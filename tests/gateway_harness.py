@@ -296,8 +296,8 @@ class Gateway:
 
     def _http_port(self) -> int:
         if not self.port:
-            m = _HTTP_LINE.search(self.log())
-            self.port = int(m.group(1)) if m else 0
+            ports = _HTTP_LINE.findall(self.log())  # the last: a reload serves on a new port 0
+            self.port = int(ports[-1]) if ports else 0
         return self.port
 
     def wait_serving(self, timeout: float = 60.0) -> None:

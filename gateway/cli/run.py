@@ -17,16 +17,14 @@ def run(
     config: ConfigPath = Path("config.toml"),
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
-    """Run the edge gateway daemon until SIGTERM or Ctrl-C."""
-    from gateway.daemon import GatewayDaemon
-    from gateway.settings import load_gateway_config
+    """Run the edge gateway daemon until SIGTERM or Ctrl-C; SIGHUP reloads the config."""
+    from gateway.daemon import run_until_signalled
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        daemon = GatewayDaemon(load_gateway_config(config))
-        daemon.run_until_signalled()
+        run_until_signalled(config)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from gateway.model import format_ts
 from tests.gateway_harness import (
+    PROBES,
     ROOT,
     Gateway,
     GatewaySetup,
@@ -369,5 +371,64 @@ def test_a_corrupt_buffer_file_is_moved_aside_and_the_gateway_runs(
             )
             wait_until(lambda: gw.health()[0] == 200, 60, "/health 200")
             assert gw.terminate() == 0
+        finally:
+            gw.close()
+
+
+def test_wrong_kafka_password_keeps_readings_buffered_until_fixed_and_reloaded(
+    kafka_env: dict[str, str], pty_pair: Any, tmp_path: Path
+) -> None:
+    """Through the SASL_SSL listener: a wrong password leaves /health saying Kafka is unhealthy
+    and every reading in the buffer; after the password is fixed, SIGHUP delivers them all."""
+    setup = GatewaySetup(
+        tmp_path, kafka_env["KAFKA_SASL_BOOTSTRAP_SERVERS"], pty=pty_pair.a, probes=PROBES[:1]
+    )
+    sasl = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": kafka_env["KAFKA_SASL_MECHANISM"],
+        "sasl_username": kafka_env["KAFKA_SASL_USERNAME"],
+        "sasl_password": "env:TEST_KAFKA_PASSWORD",
+        "ssl_ca_location": kafka_env["KAFKA_CA_FILE"],
+    }
+    setup.extra = {"kafka": sasl}
+    seq0 = init_buffer(setup.buffer_path, setup.gateway_id)
+    config = setup.write()
+    secrets = tmp_path / "kafka-password"
+    secrets.write_text("not-the-password")
+    setup.extra = {"kafka": {**sasl, "sasl_password": f"file:{secrets}"}}
+    config = setup.write()
+    gw = Gateway(config, tmp_path / "logs")
+    with (
+        Simulator(pty_pair.b, setup.probes),
+        KafkaCollector(kafka_env["KAFKA_BOOTSTRAP_SERVERS"], [setup.raw_topic]) as kafka,
+    ):
+        try:
+            gw.start()
+            gw.wait_serving()
+            wait_until(
+                lambda: gw.health()[0] == 503 and check_of(gw, "kafka")["status"] == "unhealthy",
+                90,
+                "/health to report Kafka unhealthy",
+            )
+            kafka_check = check_of(gw, "kafka")
+            assert "auth" in json.dumps(kafka_check).lower(), kafka_check
+            wait_until(lambda: check_of(gw, "buffer")["rows"] >= 5, 60, "readings to pile up")
+            assert not kafka_seqs(kafka, setup.gateway_id)
+            auth_lines = [ln for ln in gw.log().splitlines() if "auth" in ln.lower()]
+            assert 1 <= len(auth_lines) <= 3, auth_lines  # one clear error, not a flood
+
+            secrets.write_text(kafka_env["KAFKA_SASL_PASSWORD"])
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: gw.log().count("HTTP server on") == 2, 60, "the reload")
+            gw.port = 0  # the reloaded server listens on a new port (port = 0 in the config)
+            gw.wait_serving()
+            wait_until(lambda: gw.health()[0] == 200, 90, "/health healthy after the reload")
+            last = stop_and_settle(gw, setup.buffer_path)
+            wait_until(
+                lambda: kafka_seqs(kafka, setup.gateway_id) >= set(range(seq0 + 1, last + 1)),
+                60,
+                "every buffered reading delivered after the fix",
+            )
         finally:
             gw.close()
