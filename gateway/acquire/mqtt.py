@@ -19,6 +19,7 @@ import math
 import re
 import ssl
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,6 +390,7 @@ class MqttSource:
         self._subscribed = False
         self._accepting = False
         self._pending = 0  # handed to the sink, not yet durable
+        self._unsubacked: set[int] = set()  # mids of answered ack barriers (see _confirm_acks)
         self.last_error = ""  # for /health details
         self._sub_cache: dict[str, Subscription | None] = {}
         self._received_by_plant: dict[str, Any] = {}
@@ -413,6 +415,7 @@ class MqttSource:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_unsubscribe = self._on_unsubscribe
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = cfg.session_expiry
         props.ReceiveMaximum = cfg.receive_maximum
@@ -423,9 +426,10 @@ class MqttSource:
         client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props)
         client.loop_start()
 
-    def stop(self, drain_timeout: float = 5.0) -> None:
+    def stop(self, drain_timeout: float = 5.0, ack_timeout: float = 5.0) -> None:
         """Stop taking messages, wait up to ``drain_timeout`` for those in the sink to become
-        durable (and be acknowledged), then disconnect. Unacknowledged ones are redelivered later.
+        durable (and be acknowledged), up to ``ack_timeout`` for the broker to confirm it has read
+        those acks, then disconnect. Unacknowledged ones are redelivered later.
         """
         client = self._client
         if client is None:
@@ -434,11 +438,35 @@ class MqttSource:
             self._accepting = False
             self._idle.wait_for(lambda: self._pending == 0, timeout=drain_timeout)
             self._generation += 1  # late acks must not reach a later connection
+            connected, generation = self._connected, self._generation
+        if connected:
+            self._confirm_acks(client, generation, ack_timeout)
         client.disconnect()
         client.loop_stop()
         with self._lock:
             self._set_disconnected()
         self._client = None
+
+    def _confirm_acks(self, client: mqtt.Client, generation: int, timeout: float) -> None:
+        """Wait until the broker has read every PUBACK written so far.
+
+        paho writes the acks, then DISCONNECT, and closes the socket at once; a busy broker may not
+        have read them yet. If the same client id connects first (a quick restart), Mosquitto
+        drops the old connection with its unread acks ("already connected, closing old
+        connection") and redelivers messages we had acknowledged. The broker handles a
+        connection's packets in order, so its UNSUBACK to an UNSUBSCRIBE of a filter we never
+        subscribed to (no side effect) comes after every earlier ack was processed.
+        """
+        rc, mid = client.unsubscribe(f"edge-gateway/ack-barrier/{uuid.uuid4().hex}")
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return
+        with self._lock:
+            confirmed = self._idle.wait_for(
+                lambda: mid in self._unsubacked or self._generation != generation, timeout
+            )
+            self._unsubacked.clear()
+        if not confirmed:
+            log.warning("MQTT broker did not confirm the last acks; some may be redelivered")
 
     def healthy(self) -> bool:
         """Connected, and the broker accepted every subscription."""
@@ -481,6 +509,11 @@ class MqttSource:
             log.error("MQTT broker refused subscription %r: %s", topic, code)
         with self._lock:
             self._subscribed = not refused
+
+    def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
+        with self._lock:
+            self._unsubacked.add(mid)
+            self._idle.notify_all()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -583,6 +616,7 @@ class MqttSource:
         if self._connected:
             self._connected = False
             self._generation += 1
+            self._idle.notify_all()  # a wait for this connection's answer is over
             self._metrics.active_connections.dec()
 
     def _subscription_for(self, topic: str) -> Subscription | None:
