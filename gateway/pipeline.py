@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from gateway import calibrate
 from gateway.alarms import AlarmEngine
@@ -20,6 +21,7 @@ from gateway.model import Quality, Reading, Record
 from gateway.validate import Validator
 
 MAX_TEMPERATURES = 10_000
+STAGES = ("calibrate", "validate", "alarms")
 
 
 class EdgePipeline:
@@ -37,6 +39,11 @@ class EdgePipeline:
         self._lock = threading.Lock()
         # Latest temperature per probe, for pH slope and conductivity compensation.
         self._temperatures: dict[tuple[str, str], float] = {}
+        # Label lookups cost more than the stages for a one-reading batch (an MQTT message).
+        self._stage_timers = (
+            {st: metrics.processing_latency.labels(stage=st) for st in STAGES} if metrics else {}
+        )
+        self._processed: dict[tuple[str, str], Any] = {}
 
     def process(self, reading: Reading) -> list[Record]:
         return self.process_batch([reading])
@@ -81,15 +88,28 @@ class EdgePipeline:
                     temps.clear()
                 temps[(r.plant_id, r.sensor_id)] = v
 
+    def _processed_counter(self, status: str, plant: str) -> Any:
+        counter = self._processed.get((status, plant))
+        if counter is None:
+            assert self.metrics is not None
+            counter = self.metrics.messages_processed.labels(status=status, plant_id=plant)
+            self._processed[(status, plant)] = counter
+        return counter
+
     def _observe(
         self, readings: Sequence[Reading], out: list[Record], times: tuple[float, ...]
     ) -> None:
         m = self.metrics
         assert m is not None
-        for stage, seconds in zip(("calibrate", "validate", "alarms"), times, strict=True):
-            m.processing_latency.labels(stage=stage).observe(seconds)
-        for (status, plant), n in Counter((r.quality.value, r.plant_id) for r in readings).items():
-            m.messages_processed.labels(status=status, plant_id=plant).inc(n)
+        for stage, seconds in zip(STAGES, times, strict=True):
+            self._stage_timers[stage].observe(seconds)
+        if len(readings) == 1:
+            self._processed_counter(readings[0].quality.value, readings[0].plant_id).inc()
+        else:
+            for (status, plant), n in Counter(
+                (r.quality.value, r.plant_id) for r in readings
+            ).items():
+                self._processed_counter(status, plant).inc(n)
         for rec in out:
             if not isinstance(rec, Reading) and rec.state in ("raised", "re-raised"):
                 m.alerts_triggered.labels(level=rec.level, parameter=rec.parameter).inc()
