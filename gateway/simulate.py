@@ -192,8 +192,10 @@ class SimBus:
 class RtuSimulator:
     """Serves a SimBus as Modbus RTU slaves on a serial port (one end of a socat pty pair).
 
-    With ``line_timing`` each answer waits for the request's and its own bytes at ``baudrate``
-    (10 or 11 bits per character), so a poll costs what it would on the wire.
+    With ``line_timing`` each answer is written when it would have ended on the wire: the request's
+    bytes, the 3.5-character silence that tells a slave the request has ended (1.75 ms above 19200
+    baud), then its own bytes, at ``baudrate`` (10 or 11 bits per character), counted from the
+    request's arrival so the simulator's own work does not add to it.
     """
 
     def __init__(
@@ -235,16 +237,17 @@ class RtuSimulator:
             except OSError:  # the other end of the pty went away
                 time.sleep(0.05)
                 continue
+            received = time.monotonic()
             while (n := rtu_request_length(buf)) is not None and len(buf) >= n:
                 frame, buf = buf[:n], buf[n:]
                 if crc_ok(frame):
-                    self._answer(frame)
+                    self._answer(frame, received)
                 else:
                     buf = frame[1:] + buf  # resynchronise byte by byte
             if rtu_request_length(buf) is None and len(buf) >= 2 and buf[1] not in (3, 4, 6, 16):
                 buf = b""  # unknown function: wait for the next frame
 
-    def _answer(self, request: bytes) -> None:
+    def _answer(self, request: bytes, received: float) -> None:
         slave = self.bus.slave(request[0])
         if slave is None:
             return  # another unit's frame, or broadcast: a real slave stays silent
@@ -255,7 +258,10 @@ class RtuSimulator:
         if slave.fault == "corrupt_crc":
             frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])
         if self.line_timing:
-            time.sleep((len(request) + len(frame)) * self.bits / self.baudrate)
+            char = self.bits / self.baudrate
+            gap = 0.00175 if self.baudrate > 19200 else 3.5 * char
+            due = received + (len(request) + len(frame)) * char + gap
+            time.sleep(max(0.0, due - time.monotonic()))
         self._serial.write(frame)
         self._serial.flush()
 
