@@ -98,3 +98,9 @@ class Metrics:
             ["plant_id"],
             registry=r,
         )
+        self.duplicate_readings = Counter(
+            "iot_duplicate_readings_total",
+            "Re-sent readings already counted in their open window",
+            ["plant_id"],
+            registry=r,
+        )

@@ -101,6 +101,10 @@ def make_dataset(total: int = 10_000, plants: int = 3, minutes: int = 10, seed: 
                 ts,
                 plant_id=plant,
                 location="inlet",
+                # The first two plants come through our gateway (gatewayId, seq); the third from
+                # a foreign producer that sends neither.
+                gateway_id="" if plant == names[-1] else f"gw-{plant}",
+                seq=None if plant == names[-1] else i,
             )
         )
     assert readings[123].parameter == "pH"
@@ -128,10 +132,20 @@ def raw_topic(plant: str) -> str:
 
 
 def produce(
-    kafka: dict[str, str], data: Dataset, *, seconds: float = 0.0, on_progress: Any = None
+    kafka: dict[str, str],
+    data: Dataset,
+    *,
+    seconds: float = 0.0,
+    on_progress: Any = None,
+    resend_every: int = 0,
 ) -> None:
     """Produce the dataset to the raw topics, keyed by sensorId as the gateway does; paced over
-    ``seconds`` when given. ``on_progress(fraction)`` is called after each chunk."""
+    ``seconds`` when given. ``on_progress(fraction)`` is called after each chunk.
+
+    ``resend_every``: every so many readings is sent a second time, 40 or 400 messages later, as
+    a gateway does after a crash (at least once): a re-sent reading is then in its open window,
+    or its window has closed meanwhile.
+    """
     p = Producer(
         {
             "bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"],
@@ -141,6 +155,9 @@ def produce(
     )
     headers = [("content-type", b"application/json"), ("source", b"iot-gateway")]
     msgs = [(raw_topic(r.plant_id), r.sensor_id.encode(), r.to_json()) for r in data.readings]
+    if resend_every:
+        for i in range(len(msgs) - 1, -1, -resend_every):  # from the end: indexes stay valid
+            msgs.insert(min(len(msgs), i + (40 if i % 2 else 400)), msgs[i])
     mid = len(msgs) // 2
     msgs[mid:mid] = data.odd
     chunks = 50

@@ -18,6 +18,14 @@ Windows close when the plant's event-time watermark (newest reading seen in the 
 the window end plus the grace period, or when the plant has sent nothing aggregatable for
 ``idle_flush_seconds`` of wall time. A reading for a closed window is late: the caller counts it
 (it is still stored raw), it never reopens the window.
+
+A reading re-sent by a gateway (at least once delivery: same ``gatewayId`` and ``seq``, same key,
+so the same partition) is stored once raw by point identity; the window it falls in counts it
+once too. Each open window keeps the identities of its readings, (gatewayId, seq), or (sensorId,
+parameter, timestamp in ms) for producers that send no gatewayId/seq, and drops them when it
+closes, so memory follows the open windows only. A replay from the checkpoint re-reads every
+message an open window holds (the committed offset is the lowest one an open window needs), so it
+rebuilds these identities as exactly as the aggregates.
 """
 
 from __future__ import annotations
@@ -170,12 +178,40 @@ class Outcome(StrEnum):
     REPLAYED = "replayed"  # re-read after a restart, its window was already written
     SKIPPED = "skipped"  # not aggregatable (bad quality or no value)
     FUTURE = "future"  # timestamp too far ahead of the wall clock to trust
+    DUPLICATE = "duplicate"  # the same reading is already in its (open) window
 
 
-@dataclass(slots=True)
+_MIN = -(2**62)
+
+
 class _Open:
-    agg: WindowAggregate
-    first_offset: int
+    """An open window, its first offset and the identities of the readings it holds."""
+
+    __slots__ = ("agg", "first_offset", "foreign", "seqs")
+
+    def __init__(self, agg: WindowAggregate, first_offset: int) -> None:
+        self.agg = agg
+        self.first_offset = first_offset
+        self.seqs: dict[str, set[int]] = {}  # gatewayId -> seqs (ints keep the sets small)
+        self.foreign: set[tuple[str, int]] = set()  # (sensorId, ms); parameter is the window's
+
+    def first_time(self, r: Reading) -> bool:
+        """Whether ``r`` is new to this window (and remember it)."""
+        seq = r.seq
+        if seq is not None and r.gateway_id:
+            seen = self.seqs.get(r.gateway_id)
+            if seen is None:
+                self.seqs[r.gateway_id] = {seq}
+                return True
+            if seq in seen:
+                return False
+            seen.add(seq)
+            return True
+        key = (r.sensor_id, round(r.timestamp * 1000))
+        if key in self.foreign:
+            return False
+        self.foreign.add(key)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,26 +253,34 @@ class PartitionWindows:
 
     def add(self, r: Reading, offset: int, now: float) -> Outcome:
         """Account one reading at ``offset``; ``now`` is wall time (for idle flush and sanity)."""
-        self.seen(offset)
-        if not aggregatable(r):
+        if self.next_offset is None or offset >= self.next_offset:
+            self.next_offset = offset + 1
+        v = r.value
+        if v is None or r.quality is Quality.BAD or not math.isfinite(v):
             return Outcome.SKIPPED
-        if r.timestamp > now + self.max_future:
+        ts = r.timestamp
+        if ts > now + self.max_future:
             return Outcome.FUTURE
-        start = window_start(r.timestamp, self.seconds)
+        seconds = self.seconds
+        start = math.floor(ts / seconds) * seconds
         plant = r.plant_id
-        if start < self._closed_through.get(plant, -(2**62)):
+        closed_through = self._closed_through.get(plant, _MIN)
+        if start < closed_through:
             return Outcome.REPLAYED if offset < self._replay_until else Outcome.LATE
         key = (plant, r.parameter, start)
         w = self._open.get(key)
-        assert r.value is not None
         if w is None:
-            self._open[key] = _Open(
-                WindowAggregate.first(r, start, self.source, self.seconds), offset
-            )
+            w = _Open(WindowAggregate.first(r, start, self.source, seconds), offset)
+            w.first_time(r)
+            self._open[key] = w
+        elif w.first_time(r):
+            w.agg.add(v, ts, r.sensor_id)
         else:
-            w.agg.add(r.value, r.timestamp, r.sensor_id)
+            return Outcome.DUPLICATE
         self._last_arrival[plant] = now
-        self._advance(plant, window_start(r.timestamp - self.grace, self.seconds))
+        boundary = math.floor((ts - self.grace) / seconds) * seconds
+        if boundary > closed_through:
+            self._advance(plant, boundary)
         return Outcome.ADDED
 
     def seen(self, offset: int) -> None:
@@ -254,7 +298,7 @@ class PartitionWindows:
                 del self._last_arrival[plant]
 
     def _advance(self, plant: str, boundary: int) -> None:
-        if boundary <= self._closed_through.get(plant, -(2**62)):
+        if boundary <= self._closed_through.get(plant, _MIN):
             return
         self._closed_through[plant] = boundary
         for key in [k for k in self._open if k[0] == plant and k[2] < boundary]:
@@ -269,6 +313,13 @@ class PartitionWindows:
     @property
     def open_windows(self) -> int:
         return len(self._open)
+
+    @property
+    def identities(self) -> int:
+        """Reading identities held for de-duplication (only open windows hold any)."""
+        return sum(
+            len(o.foreign) + sum(len(seqs) for seqs in o.seqs.values()) for o in self._open.values()
+        )
 
     def lowest_needed_offset(self) -> int | None:
         """The first offset an open window still needs; None when no window is open."""

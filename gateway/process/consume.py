@@ -1,15 +1,19 @@
 """The processor's consumer group: raw readings in, validated readings, alarms and windows out.
 
-One thread owns the Kafka consumer. Each turn takes a batch (``consume(num_messages, timeout)``),
-validates it and checks thresholds (the same ``Validator`` and ``AlarmEngine`` as the gateway),
-feeds the 1-minute windows of each partition, writes everything to InfluxDB and Kafka, and only
-then commits. The offset committed for a partition is the lowest one an open window still needs,
-with the window checkpoint as commit metadata (see ``aggregate``), so a crash or rebalance replays
-exactly what is needed to rebuild the open windows and every sink sees each reading at least once;
-InfluxDB's point identity makes that exactly once in storage.
+One thread owns the Kafka consumer. Each turn takes what the partitions have (waiting for a first
+message, then ``batch_linger`` for more, at most ``batch_size``), validates it and checks
+thresholds (the same ``Validator`` and ``AlarmEngine`` as the gateway), feeds the 1-minute windows
+of each partition, produces the output messages and hands the batch to the sink writer
+(``sinks``), which writes InfluxDB and waits for Kafka's confirmations while this thread goes on
+with the next batch. Offsets are committed only for batches the writer reports done, all of whose
+predecessors are done too. The offset committed for a partition is the lowest one an open window
+still needs, with the window checkpoint as commit metadata (see ``aggregate``), so a crash or
+rebalance replays exactly what is needed to rebuild the open windows and every sink sees each
+reading at least once; InfluxDB's point identity makes that exactly once in storage.
 
-When a sink is down the batch is held (memory stays bounded to one batch), every assigned partition
-is paused, and the batch is retried with back-off; consumption resumes once it is written.
+When a sink is down the writer holds its batches, the hand-over queue fills (memory stays bounded
+to a few batches), every assigned partition is paused, and consumption resumes once the writer
+takes batches again.
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from gateway.alarms import AlarmEngine
 from gateway.metrics import Metrics
-from gateway.model import AlarmEvent, Quality, Reading, Rejection, reading_from_dict
-from gateway.process.aggregate import Outcome, PartitionWindows, WindowAggregate
-from gateway.process.store import InfluxStore, StoreUnavailable
+from gateway.model import Quality, Rejection
+from gateway.process.aggregate import CommitPoint, Outcome, PartitionWindows
+from gateway.process.codec import decode_keeping_ts, reading_json
+from gateway.process.publish import HEADERS, Publisher, PublishFailed
+from gateway.process.sinks import Batch, Observer, SinkWriter
+from gateway.process.store import InfluxStore, alarm_line, reading_line, window_line
 from gateway.validate import Validator
 
 if TYPE_CHECKING:
@@ -39,10 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RAW_PREFIX = "sensors.raw."
-HEADERS: list[tuple[str, str | bytes | None]] = [
-    ("content-type", b"application/json"),
-    ("source", b"edge-processor"),
-]
 # The group moved on: the commit is void, the next owner replays from the last good one.
 _STALE_COMMIT = {
     KafkaError.REBALANCE_IN_PROGRESS,
@@ -52,113 +54,18 @@ _STALE_COMMIT = {
     KafkaError.STALE_MEMBER_EPOCH,
     KafkaError._NO_OFFSET,
 }
+# How long a revocation waits for handed-over batches, to commit them before letting go.
+_REVOKE_DRAIN_SECONDS = 5.0
 
 _Key = tuple[str, int]  # topic, partition
-_Header = tuple[str, str | bytes | None]
-_Out = tuple[str, bytes, bytes, list[_Header]]  # topic, key, value, extra headers
 
 
 def plant_from_topic(topic: str) -> str:
     return topic[len(RAW_PREFIX) :] if topic.startswith(RAW_PREFIX) else "default"
 
 
-def decode(payload: bytes | None, plant_id: str) -> Reading | Rejection:
-    """A raw message as a Reading, or the reason it cannot be one. Never raises.
-
-    A value that is not a number (e.g. ``"7.1"`` or ``"ERR"``) still makes a reading: stored with
-    quality bad, so the operator sees the probe sending garbage. Anything without the identity of a
-    reading (sensor, parameter, timestamp) is a rejection, for the dead-letter topic.
-    """
-    if payload is None:
-        return Rejection("empty", "message has no value")
-    try:
-        d = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        return Rejection("not_json", str(e)[:200])
-    if not isinstance(d, dict):
-        return Rejection("not_an_object", f"expected a JSON object, got {type(d).__name__}")
-    value = d.get("value")
-    not_numeric = value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float)
-    )
-    if not_numeric:
-        d = {**d, "value": None}
-    r = reading_from_dict(d, plant_id=plant_id)
-    if isinstance(r, Reading) and not_numeric:
-        r.flag(Quality.BAD, f"not_numeric:{type(value).__name__}")
-    return r
-
-
-@dataclass
-class _Batch:
-    readings: list[Reading] = field(default_factory=list)
-    alarms: list[AlarmEvent] = field(default_factory=list)
-    windows: list[WindowAggregate] = field(default_factory=list)
-    messages: list[_Out] = field(default_factory=list)
-    done: set[str] = field(default_factory=set)
-
-
-class PublishFailed(Exception):
-    """Some messages were not confirmed by Kafka; they stay queued for the next attempt."""
-
-
-class Publisher:
-    """Idempotent producer for the processor's output topics; ``publish`` returns only once every
-    message of the batch is confirmed (or raises, keeping the unconfirmed ones for a retry)."""
-
-    def __init__(self, conf: dict[str, Any], metrics: Metrics, stop: threading.Event) -> None:
-        self.metrics = metrics
-        self._stop = stop
-        self._producer = Producer(
-            {
-                **conf,
-                "enable.idempotence": True,
-                "acks": "all",
-                "compression.type": "lz4",
-                "linger.ms": 10,
-                "message.timeout.ms": 30000,
-                "queue.buffering.max.messages": 200_000,
-            }
-        )
-
-    def publish(self, messages: list[_Out]) -> None:
-        failed: list[int] = []
-        errors: Counter[str] = Counter()
-
-        def report(i: int) -> Callable[[KafkaError | None, Message], None]:
-            def cb(err: KafkaError | None, msg: Message) -> None:
-                if err is not None:
-                    failed.append(i)
-                    errors[err.name()] += 1
-
-            return cb
-
-        p = self._producer
-        for i, (topic, key, value, headers) in enumerate(messages):
-            while True:
-                try:
-                    p.produce(topic, value, key, on_delivery=report(i), headers=HEADERS + headers)
-                    break
-                except BufferError:
-                    p.poll(0.05)
-        while p.flush(1.0) > 0:
-            if self._stop.is_set():
-                raise PublishFailed("stopping with messages unconfirmed")
-        for name, n in errors.items():
-            self.metrics.kafka_delivery_failures.labels(reason=name).inc(n)
-        if failed:
-            keep = set(failed)
-            messages[:] = [m for i, m in enumerate(messages) if i in keep]
-            raise PublishFailed(f"{len(keep)} messages not delivered ({', '.join(errors)})")
-        for topic, n in Counter(m[0] for m in messages).items():
-            self.metrics.kafka_delivered.labels(topic=topic).inc(n)
-
-    def close(self) -> None:
-        self._producer.flush(5.0)
-
-
 class RawConsumer:
-    """The consume → process → store/publish → commit loop, on its own thread."""
+    """The consume → process → hand over → commit loop, on its own thread."""
 
     def __init__(
         self,
@@ -168,26 +75,29 @@ class RawConsumer:
         alarms: AlarmEngine,
         store: InfluxStore,
         metrics: Metrics,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
         self.validator = validator
         self.alarms = alarms
         self.store = store
         self.metrics = metrics
+        self.observer = observer  # told when each batch is done (the bench measures latency)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._kafka_conf = kafka_conf
         self._windows: dict[_Key, PartitionWindows] = {}
         self._last_commit: dict[_Key, tuple[int, str]] = {}
+        self._safe: dict[_Key, tuple[PartitionWindows, CommitPoint]] = {}  # done, not yet committed
+        self._last_commit_at = 0.0
         self._caught_up: set[_Key] = set()  # partitions read to their end (for idle flush)
         self._paused = False
         self._last_activity: dict[_Key, float] = {}  # monotonic time of the last message or EOF
         self._last_nudge = time.monotonic()
+        self._plant_keys: dict[str, bytes] = {}
         self._consumer: Consumer | None = None
         self._publisher: Publisher | None = None
-        # For /health: when the sinks started failing, and why.
-        self.sink_down_since: float | None = None
-        self.last_error = ""
+        self._writer: SinkWriter | None = None
         self.running = False
         self.crashed: BaseException | None = None
 
@@ -220,35 +130,61 @@ class RawConsumer:
             "session.timeout.ms": c.session_timeout_ms,
             "heartbeat.interval.ms": max(1000, c.session_timeout_ms // 5),
             "fetch.max.bytes": 16 * 1024 * 1024,
+            "fetch.wait.max.ms": 100,
             "enable.partition.eof": True,
         }
 
     def _run(self) -> None:
         try:
             self._publisher = Publisher(self._kafka_conf, self.metrics, self._stop)
+            writer = self._writer = SinkWriter(
+                self.store,
+                self._publisher,
+                self.metrics,
+                max_lines=self.config.max_lines_in_flight,
+                retry_max_seconds=self.config.retry_max_seconds,
+                observer=self.observer,
+            )
+            writer.start()
             consumer = self._consumer = Consumer(self._consumer_conf())
             consumer.subscribe(
                 [self.config.topic_pattern],
                 on_assign=self._on_assign,
                 on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
+                on_lost=self._on_lost,
             )
             self.running = True
             try:
                 while not self._stop.is_set():
-                    msgs = consumer.consume(self.config.batch_size, self.config.batch_timeout)
+                    if writer.crashed is not None:
+                        raise RuntimeError(f"sink writer stopped: {writer.crashed!r}")
+                    msgs = self._take(consumer)
                     self._nudge_stale(msgs)
                     batch = self._process(msgs)
-                    if not self._deliver(batch):
+                    if not batch.empty and not self._hand_over(batch):
                         break
-                    self._commit()
+                    self._commit_done()
+            except PublishFailed:  # only raised while stopping
+                pass
             finally:
                 self.running = False
+                writer.close()
+                self._commit_done(force=True)
                 self._publisher.close()
                 consumer.close()
         except BaseException as e:  # the service reports it unhealthy; systemd restarts us
             self.crashed = e
             log.exception("processor consumer stopped on an error")
+
+    def _take(self, consumer: Consumer) -> list[Message]:
+        """What the partitions have: wait for one message, then let the batch fill briefly."""
+        c = self.config
+        msgs = consumer.consume(c.batch_size, 0)
+        if not msgs:
+            msgs = consumer.consume(1, c.batch_timeout)
+            if msgs and c.batch_size > 1:
+                msgs.extend(consumer.consume(c.batch_size - 1, c.batch_linger))
+        return msgs
 
     # -- rebalance -----------------------------------------------------------------------------
 
@@ -280,12 +216,21 @@ class RawConsumer:
                     raise
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Batches already handed over get a moment to finish, so the next owner starts from a
+        # fresh commit (not when a sink is down: it would only delay the rebalance).
+        if self._writer is not None and self._writer.wait_idle(_REVOKE_DRAIN_SECONDS):
+            self._commit_done(force=True)
+        self._on_lost(consumer, partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Open windows of a revoked partition are dropped, not flushed: the next owner rebuilds
-        # them from the committed offset. Everything before it is already written and committed.
+        # them from the committed offset. Batches still in flight for it are written (harmless)
+        # but never committed by us: their PartitionWindows is no longer the current one.
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._windows.pop(key, None)
             self._last_commit.pop(key, None)
+            self._safe.pop(key, None)
             self._caught_up.discard(key)
             self._last_activity.pop(key, None)
             with contextlib.suppress(KeyError):
@@ -303,21 +248,40 @@ class RawConsumer:
             pw = self._windows[key]
         return pw
 
-    def _process(self, msgs: list[Message]) -> _Batch:
+    def _plant_key(self, plant: str) -> bytes:
+        key = self._plant_keys.get(plant)
+        if key is None:
+            if len(self._plant_keys) > 10_000:
+                self._plant_keys.clear()
+            key = self._plant_keys[plant] = plant.encode()
+        return key
+
+    def _process(self, msgs: list[Message]) -> Batch:
         t0 = time.perf_counter()
         now = time.time()
-        batch = _Batch()
         c = self.config
-        received: Counter[str] = Counter()
-        processed: Counter[tuple[str, str]] = Counter()
-        late: Counter[str] = Counter()
+        batch = Batch(produced_ms=[] if self.observer is not None else None)
+        assert self._publisher is not None
+        send, delivery = self._publisher.send, batch.delivery
+        produce, report = self._publisher.produce, delivery.report
+        n_validated = 0
+        lines, produced = batch.lines, batch.produced_ms
+        validated, alerts = c.validated_topic, c.alerts_topic
+        # per plant: [received, good, uncertain, bad, late, duplicate]
+        stats: dict[str, list[int]] = {}
+        quality_slot = {Quality.GOOD: 1, Quality.UNCERTAIN: 2, Quality.BAD: 3}
         raised: Counter[tuple[str, str]] = Counter()
+        touched: set[_Key] = set()
         check, evaluate = self.validator.check, self.alarms.evaluate
+        last: _Key | None = None
+        pw: PartitionWindows | None = None
+        topic_plant = ""
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     self._caught_up.add((msg.topic() or "", msg.partition() or 0))
+                    last = None  # a message after the end means it is not caught up
                 elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                     log.info("no topic matches %s yet", self.config.topic_pattern)
                 else:
@@ -325,116 +289,185 @@ class RawConsumer:
                 continue
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
-            self._caught_up.discard((topic, partition))
-            pw = self._windows_for(topic, partition)
-            topic_plant = plant_from_topic(topic)
+            key = (topic, partition)
+            if key != last or pw is None:
+                last, pw = key, self._windows_for(topic, partition)
+                topic_plant = plant_from_topic(topic)
+                self._caught_up.discard(key)
+                touched.add(key)
+            if produced is not None:
+                produced.append(msg.timestamp()[1])
             payload = msg.value()
-            r = decode(payload, topic_plant)
+            r, ts_text = decode_keeping_ts(payload, topic_plant)
             if isinstance(r, Rejection):
-                received[topic_plant] += 1
-                processed[("dead_letter", topic_plant)] += 1
+                stats.setdefault(topic_plant, [0] * 6)[0] += 1
                 self.metrics.rejected_payloads.labels(source="kafka", reason=r.reason).inc()
-                batch.messages.append(
-                    (
-                        c.dead_letter_topic,
-                        msg.key() or b"",
-                        payload or b"",
-                        [
-                            ("reason", r.reason.encode()),
-                            ("detail", r.detail.encode()),
-                            ("source-topic", topic.encode()),
-                            ("source-partition", str(partition).encode()),
-                            ("source-offset", str(offset).encode()),
-                        ],
-                    )
-                )
+                self.metrics.messages_processed.labels(
+                    status="dead_letter", plant_id=topic_plant
+                ).inc()
+                headers = [
+                    *HEADERS,
+                    ("reason", r.reason.encode()),
+                    ("detail", r.detail.encode()),
+                    ("source-topic", topic.encode()),
+                    ("source-partition", str(partition).encode()),
+                    ("source-offset", str(offset).encode()),
+                ]
+                send(delivery, c.dead_letter_topic, payload or b"", msg.key() or b"", headers)
                 pw.seen(offset)
                 continue
             check(r, now)
             events = evaluate(r)
+            lines.append(reading_line(r))
             plant = r.plant_id
-            received[plant] += 1
-            processed[(r.quality.value, plant)] += 1
-            batch.readings.append(r)
-            plant_key = plant.encode()
-            batch.messages.append((c.validated_topic, plant_key, r.to_json(), []))
+            plant_key = self._plant_keys.get(plant) or self._plant_key(plant)
+            value = reading_json(r, ts_text)
+            try:
+                produce(validated, value, plant_key, on_delivery=report, headers=HEADERS)
+                n_validated += 1
+            except BufferError:
+                send(delivery, validated, value, plant_key)
             for e in events:
-                batch.alarms.append(e)
-                batch.messages.append((c.alerts_topic, plant_key, e.to_json(), []))
+                lines.append(alarm_line(e))
+                send(delivery, alerts, orjson.dumps(e.to_dict()), plant_key)
                 if e.state in ("raised", "re-raised"):
                     raised[(e.level, e.parameter)] += 1
-            if pw.add(r, offset, now) is Outcome.LATE:
-                late[plant] += 1
+            counts = stats.get(plant)
+            if counts is None:
+                counts = stats[plant] = [0] * 6
+            counts[0] += 1
+            counts[quality_slot[r.quality]] += 1
+            outcome = pw.add(r, offset, now)
+            if outcome is Outcome.LATE:
+                counts[4] += 1
+            elif outcome is Outcome.DUPLICATE:
+                counts[5] += 1
+        delivery.sent += n_validated
+        delivery.topics[validated] += n_validated
+        batch.readings = sum(s[0] for s in stats.values())
         for key, pw in self._windows.items():
             # Idle means nothing more to read, not that we were slow to read it (a rebalance or
             # an outage must not close windows whose readings are still in the partition).
             if key in self._caught_up:
                 pw.flush_idle(now)
-            batch.windows.extend(pw.take_closed())
-        for w in batch.windows:
-            batch.messages.append(
-                (c.aggregated_topic, w.plant_id.encode(), json.dumps(w.to_dict()).encode(), [])
-            )
-        m = self.metrics
-        for plant, n in received.items():
-            m.messages_received.labels(source="kafka", plant_id=plant).inc(n)
-        for (status, plant), n in processed.items():
-            m.messages_processed.labels(status=status, plant_id=plant).inc(n)
-        for plant, n in late.items():
-            m.late_readings.labels(plant_id=plant).inc(n)
-        for (level, parameter), n in raised.items():
-            m.alerts_triggered.labels(level=level, parameter=parameter).inc(n)
+            for w in pw.take_closed():
+                touched.add(key)
+                batch.window_lines.append(window_line(w))
+                send(delivery, c.aggregated_topic, orjson.dumps(w.to_dict()), w.plant_id.encode())
+        for key in touched:
+            pw = self._windows[key]
+            cp = pw.commit_point()
+            if cp is not None:
+                batch.commits.append((key, pw, cp))
+        self._count(stats, raised)
         if msgs:
-            m.processing_latency.labels(stage="process").observe(time.perf_counter() - t0)
+            self.metrics.processing_latency.labels(stage="process").observe(
+                time.perf_counter() - t0
+            )
         return batch
 
-    # -- sinks ---------------------------------------------------------------------------------
+    def _count(self, stats: dict[str, list[int]], raised: Counter[tuple[str, str]]) -> None:
+        m = self.metrics
+        for plant, (received, good, uncertain, bad, late, duplicate) in stats.items():
+            m.messages_received.labels(source="kafka", plant_id=plant).inc(received)
+            for status, n in (("good", good), ("uncertain", uncertain), ("bad", bad)):
+                if n:
+                    m.messages_processed.labels(status=status, plant_id=plant).inc(n)
+            if late:
+                m.late_readings.labels(plant_id=plant).inc(late)
+            if duplicate:
+                m.duplicate_readings.labels(plant_id=plant).inc(duplicate)
+        for (level, parameter), n in raised.items():
+            m.alerts_triggered.labels(level=level, parameter=parameter).inc(n)
 
-    def _deliver(self, batch: _Batch) -> bool:
-        """Write the batch to every sink; False only when stopping before it was all written."""
-        attempt = 0
-        while True:
-            try:
-                self._write(batch)
-                if self._paused:
-                    self._resume()
-                return True
-            except (StoreUnavailable, PublishFailed) as e:
-                self.last_error = str(e)
-                if self.sink_down_since is None:
-                    self.sink_down_since = time.time()
-                    log.error("sink down, consumption paused: %s", e)
-                self._pause()
-                if self._stop.wait(min(self.config.retry_max_seconds, 0.2 * 2 ** min(attempt, 10))):
-                    return False
-                attempt += 1
-                self._hold()
+    # -- hand-over and commit ------------------------------------------------------------------
 
-    def _write(self, batch: _Batch) -> None:
-        hist = self.metrics.processing_latency
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("store", lambda: self.store.write_readings(batch.readings)),
-            ("alarms", lambda: self.store.write_alarms(batch.alarms)),
-            ("windows", lambda: self.store.write_windows(batch.windows)),
-        ]
-        for name, step in steps:
-            if name not in batch.done:
-                t0 = time.perf_counter()
-                step()
-                batch.done.add(name)
-                if name == "store" and batch.readings:
-                    hist.labels(stage="store").observe(time.perf_counter() - t0)
-        if "publish" not in batch.done:
-            assert self._publisher is not None
-            t0 = time.perf_counter()
-            self._publisher.publish(batch.messages)
-            batch.done.add("publish")
-            if batch.messages:
-                hist.labels(stage="publish").observe(time.perf_counter() - t0)
-        if self.sink_down_since is not None:
-            log.warning("sinks back after %.1f s", time.time() - self.sink_down_since)
-            self.sink_down_since = None
-            self.last_error = ""
+    def _hand_over(self, batch: Batch) -> bool:
+        """Queue the batch for the writer. A queue that stays full (a sink is down or slow) pauses
+        consumption while rebalances are still served; False only when stopping meanwhile."""
+        assert self._writer is not None
+        if self._writer.put(batch, timeout=1.0):
+            return True
+        self._pause()
+        while not self._writer.put(batch, timeout=0.2):
+            if self._stop.is_set() or self._writer.crashed is not None:
+                return False
+            self._commit_done()
+            self._hold()
+        self._resume()
+        return True
+
+    def _pause(self) -> None:
+        assert self._consumer is not None
+        if not self._paused:
+            self._consumer.pause(self._consumer.assignment())
+            self._paused = True
+            # Data may arrive while we are paused: none of the partitions is known to be read to
+            # its end any more (resuming makes librdkafka report the end again).
+            self._caught_up.clear()
+
+    def _resume(self) -> None:
+        assert self._consumer is not None
+        self._consumer.resume(self._consumer.assignment())
+        self._paused = False
+
+    def _hold(self) -> None:
+        """Serve rebalances while paused. A partition assigned meanwhile is not paused yet: push
+        anything it hands us back (seek) and pause it, so memory stays at a few batches."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        msgs = consumer.consume(1000, 0.1)
+        first: dict[_Key, int] = {}
+        for msg in msgs:
+            if msg.error() is None:
+                key = (msg.topic() or "", msg.partition() or 0)
+                first.setdefault(key, msg.offset() or 0)
+        for (topic, partition), offset in first.items():
+            tp = TopicPartition(topic, partition, offset)
+            consumer.pause([tp])
+            consumer.seek(tp)
+        if first:
+            consumer.pause(consumer.assignment())
+
+    def _commit_done(self, force: bool = False) -> None:
+        """Commit where the batches the writer finished allow, at most every commit interval."""
+        assert self._consumer is not None and self._writer is not None
+        for batch in self._writer.take_done():
+            for key, pw, cp in batch.commits:
+                self._safe[key] = (pw, cp)
+        now = time.monotonic()
+        if not self._safe:
+            return
+        if not force and now - self._last_commit_at < self.config.commit_interval:
+            return
+        offsets = []
+        for key, (pw, cp) in self._safe.items():
+            if self._windows.get(key) is not pw:
+                continue  # revoked (and maybe assigned again) since: not ours to commit
+            if self._last_commit.get(key) != (cp.offset, cp.metadata):
+                offsets.append(TopicPartition(key[0], key[1], cp.offset, cp.metadata))
+        self._safe.clear()
+        self._last_commit_at = now
+        if not offsets:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as e:
+            err = e.args[0]
+            if err.code() in _STALE_COMMIT:
+                log.info("commit skipped during a rebalance: %s", err)
+            else:
+                log.warning("offset commit failed (retried with the next batch): %s", err)
+                for tp in offsets:  # keep them for the next attempt
+                    key = (tp.topic, tp.partition)
+                    current = self._windows.get(key)
+                    if current is not None and key not in self._safe:
+                        self._safe[key] = (current, CommitPoint(tp.offset, tp.metadata or ""))
+            return
+        for tp in offsets:
+            self._last_commit[(tp.topic, tp.partition)] = (tp.offset, tp.metadata or "")
+        self.metrics.processing_latency.labels(stage="commit").observe(time.perf_counter() - t0)
 
     def _nudge_stale(self, msgs: list[Message]) -> None:
         """Partitions with open windows that neither deliver messages nor report their end (e.g.
@@ -459,62 +492,6 @@ class RawConsumer:
             self._consumer.pause(stale)
             self._consumer.resume(stale)
 
-    def _pause(self) -> None:
-        assert self._consumer is not None
-        if not self._paused:
-            self._consumer.pause(self._consumer.assignment())
-            self._paused = True
-            # Data may arrive while we are paused: none of the partitions is known to be read to
-            # its end any more (resuming makes librdkafka report the end again).
-            self._caught_up.clear()
-
-    def _resume(self) -> None:
-        assert self._consumer is not None
-        self._consumer.resume(self._consumer.assignment())
-        self._paused = False
-
-    def _hold(self) -> None:
-        """Serve rebalances while paused. A partition assigned meanwhile is not paused yet: push
-        anything it hands us back (seek) and pause it, so memory stays at one batch."""
-        assert self._consumer is not None
-        consumer = self._consumer
-        msgs = consumer.consume(1000, 0.1)
-        first: dict[_Key, int] = {}
-        for msg in msgs:
-            if msg.error() is None:
-                key = (msg.topic() or "", msg.partition() or 0)
-                first.setdefault(key, msg.offset() or 0)
-        for (topic, partition), offset in first.items():
-            tp = TopicPartition(topic, partition, offset)
-            consumer.pause([tp])
-            consumer.seek(tp)
-        if first:
-            consumer.pause(consumer.assignment())
-
-    def _commit(self) -> None:
-        assert self._consumer is not None
-        offsets = []
-        for (topic, partition), pw in self._windows.items():
-            cp = pw.commit_point()
-            if cp is None or self._last_commit.get((topic, partition)) == (cp.offset, cp.metadata):
-                continue
-            offsets.append(TopicPartition(topic, partition, cp.offset, cp.metadata))
-        if not offsets:
-            return
-        t0 = time.perf_counter()
-        try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as e:
-            err = e.args[0]
-            if err.code() in _STALE_COMMIT:
-                log.info("commit skipped during a rebalance: %s", err)
-            else:
-                log.warning("offset commit failed (retried with the next batch): %s", err)
-            return
-        for tp in offsets:
-            self._last_commit[(tp.topic, tp.partition)] = (tp.offset, tp.metadata or "")
-        self.metrics.processing_latency.labels(stage="commit").observe(time.perf_counter() - t0)
-
     # -- librdkafka callbacks ------------------------------------------------------------------
 
     def _on_stats(self, text: str) -> None:
@@ -533,7 +510,6 @@ class RawConsumer:
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._caught_up.clear()  # readings may be waiting on the far side: no idle flush
-        self.last_error = f"kafka: {err}"
         log.warning("kafka: %s", err)
 
     # -- introspection (health, tests) ---------------------------------------------------------
@@ -541,6 +517,14 @@ class RawConsumer:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def sink_down_since(self) -> float | None:
+        return self._writer.down_since if self._writer is not None else None
+
+    @property
+    def last_error(self) -> str:
+        return self._writer.last_error if self._writer is not None else ""
 
     def open_windows(self) -> int:
         return sum(pw.open_windows for pw in list(self._windows.values()))

@@ -41,8 +41,11 @@ class ProcessorConfig(KafkaConnection):
     alerts_topic: str = "sensors.alerts"
     aggregated_topic: str = "sensors.aggregated"
     dead_letter_topic: str = "sensors.deadletter"
-    batch_size: int = 5000  # messages per consume()
-    batch_timeout: float = 0.5  # seconds consume() waits for a batch to fill
+    batch_size: int = 5000  # at most this many messages per batch
+    batch_timeout: float = 0.5  # seconds to wait for a first message (then housekeeping runs)
+    batch_linger: float = 0.005  # seconds a batch may fill once a message came (latency cost)
+    max_lines_in_flight: int = 20_000  # processed lines waiting for the sinks (the memory bound)
+    commit_interval: float = 1.0  # seconds between offset commits (replay after a crash)
     grace_seconds: float = 10.0  # how late a reading may be and still count in its window
     idle_flush_seconds: float = 70.0  # wall time without data after which a plant's windows close
     max_future_seconds: float = 300.0  # readings further ahead are stored but not aggregated
@@ -60,8 +63,12 @@ class ProcessorConfig(KafkaConnection):
             re.compile(self.topic_pattern[1:])
         except re.error as e:
             raise ValueError(f"topic_pattern is not a valid regex: {e}") from None
-        if self.batch_size < 1 or self.batch_timeout <= 0:
-            raise ValueError("batch_size must be at least 1 and batch_timeout positive")
+        if self.batch_size < 1 or self.batch_timeout <= 0 or self.batch_linger < 0:
+            raise ValueError(
+                "batch_size must be at least 1, batch_timeout positive and batch_linger >= 0"
+            )
+        if self.max_lines_in_flight < 1 or self.commit_interval < 0:
+            raise ValueError("max_lines_in_flight must be at least 1, commit_interval >= 0")
         if self.grace_seconds < 0 or self.idle_flush_seconds <= 0:
             raise ValueError("grace_seconds must be >= 0 and idle_flush_seconds > 0")
         if not 0 <= self.http_port <= 65535:

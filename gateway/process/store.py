@@ -2,9 +2,11 @@
 
 Exactly once comes from point identity, not from bookkeeping: a point is measurement + tags +
 timestamp, so writing a replayed reading again overwrites it with itself. Writes use the client's
-synchronous API with our own batches (``batch_lines``, gzip): a batch either succeeded or raised, so
-the consumer commits offsets only for what InfluxDB acknowledged. The client's batching mode is
-avoided because its flush on close can drop points silently.
+synchronous write service with our own batches (``batch_lines``, gzip): a batch either succeeded or
+raised, so the consumer commits offsets only for what InfluxDB acknowledged. The client's batching
+mode is avoided because its flush on close can drop points silently. We gzip ourselves at level 1:
+the client's level 9 costs five times the CPU for a body 20 % smaller, on a machine whose cores the
+processor shares with Kafka and InfluxDB.
 
 Schema (the design's): measurement ``water_quality``, tags sensor_id, parameter, plant_id,
 location, fields value (float), quality, unit (+ ``reasons`` when there are any); measurement
@@ -14,15 +16,15 @@ tagged plant_id, parameter and ``source`` (the Kafka partition whose readings th
 
 from __future__ import annotations
 
-import functools
+import gzip
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from influxdb_client import InfluxDBClient, WritePrecision
-from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
+from influxdb_client.service.write_service import WriteService
 
 from gateway.config import secret
 from gateway.metrics import Metrics
@@ -58,14 +60,14 @@ class InfluxConfig:
         if self.timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
 
-    def client(self, source: str = "config") -> InfluxDBClient:
+    def client(self, source: str = "config", *, gzip: bool = True) -> InfluxDBClient:
         token = secret(self.token, source=source, key="influxdb.token")
         return InfluxDBClient(
             url=self.url,
             token=token,
             org=self.org,
             timeout=int(self.timeout_seconds * 1000),
-            enable_gzip=True,
+            enable_gzip=gzip,
             retries=False,
         )
 
@@ -100,30 +102,34 @@ def ms(ts: float) -> int:
     return round(ts * 1000)
 
 
-@functools.lru_cache(maxsize=65_536)
-def _series(location: str, parameter: str, plant_id: str, sensor_id: str) -> str:
+_HEADS: dict[tuple[str, str, str, str, str, str], str] = {}
+_MAX_HEADS = 65_536
+
+
+def _head(
+    location: str, parameter: str, plant_id: str, sensor_id: str, quality: str, unit: str
+) -> str:
     tags = (
         ("location", location),
         ("parameter", parameter),
         ("plant_id", plant_id),
         ("sensor_id", sensor_id),
     )
-    return MEASUREMENT + _tags(tags)
-
-
-@functools.lru_cache(maxsize=4096)
-def _fixed_fields(quality: str, unit: str) -> str:
-    return f"quality={_str_field(quality)},unit={_str_field(unit)}"
+    return f"{MEASUREMENT}{_tags(tags)} quality={_str_field(quality)},unit={_str_field(unit)}"
 
 
 def reading_line(r: Reading) -> str:
     """One raw reading; timestamp in milliseconds (the wire format's precision)."""
-    # The series key and the quality/unit fields repeat for every reading of a sensor: cached.
-    line = _series(r.location, r.parameter, r.plant_id, r.sensor_id) + " "
-    line += _fixed_fields(r.quality.value, r.unit)
+    # Series key plus the quality and unit fields repeat for every reading of a sensor: cached.
+    key = (r.location, r.parameter, r.plant_id, r.sensor_id, r.quality.value, r.unit)
+    line = _HEADS.get(key)
+    if line is None:
+        if len(_HEADS) >= _MAX_HEADS:
+            _HEADS.clear()
+        line = _HEADS[key] = _head(*key)
     v = r.value
     if v is not None and math.isfinite(v):
-        line += f",value={float(v)!r}"
+        line = f"{line},value={float(v)!r}"
     if r.quality_reasons:
         line += f",reasons={_str_field(','.join(r.quality_reasons))}"
     return f"{line} {round(r.timestamp * 1000)}"
@@ -167,13 +173,16 @@ def window_line(w: WindowAggregate) -> str:
 
 
 class InfluxStore:
-    """Synchronous, batched, gzip'd writes; raises StoreUnavailable when a retry may help."""
+    """Synchronous, batched, gzip'd writes; raises StoreUnavailable when a retry may help.
+
+    Thread-safe enough for one writer thread plus ``ping`` from the health endpoint.
+    """
 
     def __init__(self, config: InfluxConfig, metrics: Metrics, *, source: str = "config") -> None:
         self.config = config
         self.metrics = metrics
-        self._client = config.client(source)
-        self._write = self._client.write_api(write_options=SYNCHRONOUS)
+        self._client = config.client(source, gzip=False)
+        self._service = WriteService(self._client.api_client)
         self.rejected_lines = 0
 
     def write_readings(self, readings: Sequence[Reading]) -> None:
@@ -186,17 +195,22 @@ class InfluxStore:
         self.write(self.config.bucket_1m, [window_line(w) for w in windows])
 
     def write(self, bucket: str, lines: Sequence[str]) -> None:
-        n = self.config.batch_lines
-        for i in range(0, len(lines), n):
-            self._write_batch(bucket, lines[i : i + n])
+        """Write in requests of about ``batch_lines`` lines (5,300 lines go in one request, not
+        5,000 and a 300 line straggler that costs a round trip of its own)."""
+        chunks = max(1, round(len(lines) / self.config.batch_lines))
+        size = -(-len(lines) // chunks)
+        for i in range(0, len(lines), size):
+            self._write_batch(bucket, lines[i : i + size])
 
     def _write_batch(self, bucket: str, lines: Sequence[str]) -> None:
         try:
-            self._write.write(
-                bucket=bucket,
+            self._service.post_write(
                 org=self.config.org,
-                record="\n".join(lines),
-                write_precision=WritePrecision.MS,  # type: ignore[arg-type]
+                bucket=bucket,
+                body=gzip.compress("\n".join(lines).encode(), compresslevel=1),
+                precision=WritePrecision.MS,
+                content_encoding="gzip",
+                content_type="text/plain; charset=utf-8",
             )
         except ApiException as e:
             status = e.status or 0

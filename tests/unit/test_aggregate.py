@@ -231,3 +231,122 @@ def test_window_start_floors_to_the_minute():
 def test_checkpoint_from_someone_else_is_ignored():
     pw = windows(checkpoint="not json")
     assert pw.add(reading(T0), 0, NOW) is Outcome.ADDED
+
+
+# --- a reading re-sent by the gateway (at least once delivery) counts once ---------------------
+
+
+def sent(ts: float, value: float, seq: int, *, gateway="gw-1", sensor="ph-1", parameter="pH"):
+    r = reading(ts, value, sensor=sensor, parameter=parameter)
+    r.gateway_id, r.seq = gateway, seq
+    return r
+
+
+def _stats(w: WindowAggregate) -> tuple:
+    return (w.count, w.sum, w.min, w.max, w.avg, w.latest, w.latest_time)
+
+
+def test_a_resent_reading_does_not_change_its_window():
+    once, twice = windows(), windows()
+    rs = [sent(T0 + 1, 7.0, 1), sent(T0 + 2, 6.5, 2), sent(T0 + 3, 8.0, 3)]
+    for i, r in enumerate(rs):
+        once.add(r, i, NOW)
+    stream = [rs[0], rs[1], rs[1], rs[2], rs[0], rs[2]]  # re-sent after a gateway crash
+    outcomes = [twice.add(sent(r.timestamp, r.value, r.seq), i, NOW) for i, r in enumerate(stream)]
+    assert outcomes.count(Outcome.DUPLICATE) == 3
+    for pw in (once, twice):
+        pw.flush_idle(NOW + 1000)
+    (a,), (b,) = once.take_closed(), twice.take_closed()
+    assert _stats(b) == _stats(a) == (3, 21.5, 6.5, 8.0, 21.5 / 3, 8.0, T0 + 3)
+
+
+def test_readings_without_gateway_and_seq_are_identified_by_sensor_parameter_and_time():
+    pw = windows()
+    assert pw.add(reading(T0 + 1.0001, 7.0), 0, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 1.0004, 7.0), 1, NOW) is Outcome.DUPLICATE  # same millisecond
+    assert pw.add(reading(T0 + 1.002, 7.0), 2, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 1.0001, 7.0, sensor="ph-2"), 3, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 1.0001, 7.0, parameter="BOD"), 4, NOW) is Outcome.ADDED
+
+
+def test_the_same_seq_from_another_gateway_is_another_reading():
+    pw = windows()
+    assert pw.add(sent(T0 + 1, 7.0, 5, gateway="gw-1"), 0, NOW) is Outcome.ADDED
+    assert pw.add(sent(T0 + 1, 7.0, 5, gateway="gw-2"), 1, NOW) is Outcome.ADDED
+    assert pw.add(sent(T0 + 2, 7.0, 6, gateway="gw-1"), 2, NOW) is Outcome.ADDED
+    assert pw.add(sent(T0 + 1, 7.0, 5, gateway="gw-2"), 3, NOW) is Outcome.DUPLICATE
+
+
+def test_only_open_windows_hold_identities():
+    pw = windows()
+    for i in range(605):  # ten minutes, one reading a second
+        pw.add(sent(T0 + i, 7.0, i), i, NOW)
+        pw.take_closed()
+    # the minute still within grace and the one just begun
+    assert pw.open_windows == 2
+    assert pw.identities == 60 + 5
+    assert pw.add(sent(T0 + 30, 7.0, 30), 605, NOW) is Outcome.LATE  # its window is gone
+    pw.flush_idle(NOW + 1000)
+    assert pw.identities == 0
+
+
+def _resent_stream(seed: int) -> list[Reading]:
+    """Readings from two gateways and a foreign producer, some re-sent up to 40 messages later
+    (some after their window closed), in the order a partition would hold them."""
+    rnd = random.Random(seed)
+    out: list[Reading] = []
+    for i in range(400):
+        ts = T0 + i * 0.5 + rnd.uniform(-4, 4)  # out of order, never late for the 10 s grace
+        parameter = rnd.choice(["pH", "BOD"])
+        value = round(rnd.uniform(6, 8), 2)
+        if i % 5 == 4:
+            r = reading(ts, value, parameter=parameter, sensor="foreign-1")
+        else:
+            r = sent(ts, value, i, gateway=f"gw-{i % 2}", parameter=parameter)
+        out.append(r)
+    for i in sorted(rnd.sample(range(len(out)), 80), reverse=True):
+        at = min(len(out), i + rnd.randint(1, 40))
+        original = out[i]
+        copy = Reading(**{f: getattr(original, f) for f in Reading.__slots__})
+        out.insert(at, copy)
+    return out
+
+
+def _distinct_windows(msgs: list[Reading]) -> dict:
+    """Aggregates computed straight from the distinct readings (first copy of each)."""
+    seen, out = set(), {}
+    for r in msgs:
+        ident = (r.gateway_id, r.seq) if r.seq is not None else (r.sensor_id, round(r.timestamp, 3))
+        if (r.parameter, ident) in seen:
+            continue
+        seen.add((r.parameter, ident))
+        key = (r.parameter, window_start(r.timestamp))
+        c, s, lo, hi = out.get(key, (0, 0.0, r.value, r.value))
+        out[key] = (c + 1, s + r.value, min(lo, r.value), max(hi, r.value))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 479), commit_every=st.integers(1, 50))
+def test_replay_with_resent_readings_rebuilds_the_distinct_aggregates(seed, crash_at, commit_every):
+    """Re-sent readings and a crash anywhere, replayed from the last commit: every window written
+    equals the aggregate of the distinct readings it covers."""
+    msgs = _resent_stream(seed)
+    written: dict = {}
+    pw = windows()
+    committed = None
+    for off in range(crash_at):
+        pw.add(msgs[off], off, NOW)
+        if off % commit_every == 0:
+            written.update(_by_window(pw.take_closed()))
+            committed = pw.commit_point()
+    restart = windows(checkpoint=committed.metadata if committed else None)
+    _feed(restart, msgs, start=committed.offset if committed else 0)
+    restart.flush_idle(NOW + 1000)
+    written.update(_by_window(restart.take_closed()))
+    expected = _distinct_windows(msgs)
+    assert written.keys() == expected.keys()
+    for key, (count, lo, hi, _latest, total) in written.items():
+        e_count, e_sum, e_lo, e_hi = expected[key]
+        assert (count, lo, hi) == (e_count, e_lo, e_hi), key
+        assert total == pytest.approx(e_sum, rel=1e-12), key

@@ -7,7 +7,7 @@ import json
 
 from gateway.model import AlarmEvent, Quality, Reading, Rejection
 from gateway.process.aggregate import WindowAggregate
-from gateway.process.consume import decode
+from gateway.process.codec import decode
 from gateway.process.store import alarm_line, reading_line, window_line
 
 TS = 1_790_000_000.123
