@@ -82,7 +82,9 @@ def test_kafka_down_for_60_s_loses_and_reorders_nothing(kafka_env, tmp_path):
     metrics = Metrics()
     buffer = Buffer(BufferConfig(path=str(tmp_path / "buffer.db")), "gw-outage", metrics)
     buffer.start()
-    fwd = Forwarder(ForwardConfig(kafka_env["KAFKA_BOOTSTRAP_SERVERS"]), buffer, metrics)
+    fwd = Forwarder(
+        ForwardConfig(bootstrap_servers=kafka_env["KAFKA_BOOTSTRAP_SERVERS"]), buffer, metrics
+    )
     fwd.start()
     stop = threading.Event()
     sent = [0]
