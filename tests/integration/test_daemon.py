@@ -217,18 +217,25 @@ def test_an_unknown_config_key_stops_the_gateway_naming_file_and_key(
     assert not setup.buffer_path.exists()  # nothing was started
 
 
-@pytest.mark.reliability
-def test_with_kafka_unreachable_drop_oldest_keeps_the_newest_readings_and_counts_drops(
-    pty_pair: Any, tmp_path: Path
-) -> None:
-    bound = 40
-    setup = GatewaySetup(
+OVERFLOW_BOUND = 40  # rows: a small buffer fills within seconds at 0.2 s polls
+
+
+def unreachable_kafka_setup(pty_pair: Any, tmp_path: Path, overflow: str) -> GatewaySetup:
+    """A gateway polling fast into a small buffer that cannot drain: Kafka is unreachable."""
+    return GatewaySetup(
         tmp_path,
         UNREACHABLE_KAFKA,
         pty=pty_pair.a,
         interval=0.2,
-        buffer={"max_rows": bound, "overflow": "drop_oldest"},
+        buffer={"max_rows": OVERFLOW_BOUND, "overflow": overflow},
     )
+
+
+@pytest.mark.reliability
+def test_with_kafka_unreachable_drop_oldest_keeps_the_newest_readings_and_counts_drops(
+    pty_pair: Any, tmp_path: Path
+) -> None:
+    setup = unreachable_kafka_setup(pty_pair, tmp_path, "drop_oldest")
     gw = gateway_for(setup)
     with Simulator(pty_pair.b, setup.probes):
         try:
@@ -273,7 +280,7 @@ def test_with_kafka_unreachable_drop_oldest_keeps_the_newest_readings_and_counts
         ]
     finally:
         con.close()
-    assert 0 < len(readings) <= bound
+    assert 0 < len(readings) <= OVERFLOW_BOUND
     assert set(range(min(readings), last + 1)) <= set(ids)
     assert any(a["parameter"] == "buffer" and a["state"] == "raised" for a in alarms), alarms
 
@@ -282,14 +289,7 @@ def test_with_kafka_unreachable_drop_oldest_keeps_the_newest_readings_and_counts
 def test_with_kafka_unreachable_block_holds_the_sources_back_and_keeps_running(
     pty_pair: Any, tmp_path: Path
 ) -> None:
-    bound = 40
-    setup = GatewaySetup(
-        tmp_path,
-        UNREACHABLE_KAFKA,
-        pty=pty_pair.a,
-        interval=0.2,
-        buffer={"max_rows": bound, "overflow": "block"},
-    )
+    setup = unreachable_kafka_setup(pty_pair, tmp_path, "block")
     gw = gateway_for(setup)
     with Simulator(pty_pair.b, setup.probes):
         try:
@@ -308,12 +308,12 @@ def test_with_kafka_unreachable_block_holds_the_sources_back_and_keeps_running(
             )
             status, health = gw.health()
             assert status == 503
-            assert health["checks"]["buffer"]["rows"] <= bound
+            assert health["checks"]["buffer"]["rows"] <= OVERFLOW_BOUND
             assert gw.metric("iot_buffer_dropped_total") == 0
             # it keeps running (and keeps saying so) while Kafka stays away
             time.sleep(3)
             assert gw.proc is not None and gw.proc.poll() is None
-            assert held_back() and check_of(gw, "buffer")["rows"] <= bound
+            assert held_back() and check_of(gw, "buffer")["rows"] <= OVERFLOW_BOUND
             assert gw.terminate() == 0
         finally:
             gw.close()
