@@ -357,8 +357,8 @@ def stored_count(env: dict[str, str], plant: str, since: float) -> int:
 
 
 def latest_table(env: dict[str, str], plant: str) -> list[str]:
-    from gateway.process.query import Queries
-    from gateway.process.store import InfluxConfig
+    from gateway.processor.query import Queries
+    from gateway.processor.store import InfluxConfig
 
     cfg = InfluxConfig(
         url=env["INFLUXDB_URL"], org=env["INFLUXDB_ORG"], token=env["INFLUXDB_TOKEN"]

@@ -558,8 +558,8 @@ class Publisher:
 def init_buffer(path: Path, gateway_id: str) -> int:
     """Create a gateway's buffer file before its first start; returns its starting seq, so a test
     knows the first seq the gateway will commit (the next one)."""
-    from gateway.buffer import Buffer, BufferConfig
-    from gateway.metrics import Metrics
+    from gateway.common.metrics import Metrics
+    from gateway.edge.buffer import Buffer, BufferConfig
 
     with Buffer(BufferConfig(path=str(path)), gateway_id, Metrics()):
         pass

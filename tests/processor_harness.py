@@ -26,12 +26,12 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from influxdb_client import InfluxDBClient
 
-from gateway.model import Quality, Reading, format_ts
-from gateway.process.aggregate import WindowAggregate, aggregatable, window_start
-from gateway.process.query import Queries
-from gateway.process.setup import provision
-from gateway.process.store import InfluxConfig
-from gateway.validate import DEFAULT_RANGES
+from gateway.common.model import Quality, Reading, format_ts
+from gateway.common.validate import DEFAULT_RANGES
+from gateway.processor.aggregate import WindowAggregate, aggregatable, window_start
+from gateway.processor.provision import provision
+from gateway.processor.query import Queries
+from gateway.processor.store import InfluxConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SENSORS = [

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway import calibrate as cal
-from gateway.calibrate import CalibrationRecord, CalibrationStore, Standard
+from gateway.edge import calibrate as cal
+from gateway.edge.calibrate import CalibrationRecord, CalibrationStore, Standard
 
 app = typer.Typer(help="Calibrate probes and show their calibration history.", no_args_is_help=True)
 

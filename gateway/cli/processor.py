@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer import Option
 
-from gateway.config import ConfigError
+from gateway.common.config import ConfigError
 
 if TYPE_CHECKING:  # the service pulls in Kafka and InfluxDB clients: import them only when used
-    from gateway.process.service import ProcessorSettings
+    from gateway.processor.settings import ProcessorSettings
 
 app = typer.Typer(help="The central processor (edge-processor.service).", no_args_is_help=True)
 
@@ -24,10 +22,10 @@ ConfigOption = Annotated[
 
 
 def _load(config: Path) -> ProcessorSettings:
-    from gateway.process.service import load
+    from gateway.processor.settings import load_processor_config
 
     try:
-        return load(config)
+        return load_processor_config(config)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -39,30 +37,25 @@ def run(
     log_level: Annotated[str, Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Consume raw readings until SIGTERM or Ctrl-C: validate, alarm, aggregate, store."""
-    from gateway.process.service import ProcessorService
+    from gateway.processor.service import ConsumerStopped, run_until_signalled
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = _load(config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    service = ProcessorService(settings)
-    service.start()
     try:
-        while not stop.wait(1.0):
-            if service.consumer.crashed is not None:
-                typer.echo(f"processor stopped: {service.consumer.crashed}", err=True)
-                raise typer.Exit(1)
-    finally:
-        service.stop()
+        run_until_signalled(config)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except ConsumerStopped as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("setup-influx")
 def setup_influx(config: ConfigOption = Path("config.toml")) -> None:
     """Create or correct the InfluxDB buckets and downsampling tasks (safe to run again)."""
-    from gateway.process.setup import provision
+    from gateway.processor.provision import provision
 
     settings = _load(config)
     try:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from typer import Option
 
-from gateway.config import ConfigError
+from gateway.common.config import ConfigError
 
 if TYPE_CHECKING:
-    from gateway.process.query import Queries
+    from gateway.processor.query import Queries
 
 T = TypeVar("T")
 
@@ -26,11 +26,11 @@ JsonOption = Annotated[bool, Option("--json", help="Print JSON instead of a tabl
 
 
 def _queries(config: Path) -> Queries:
-    from gateway.process.query import Queries
-    from gateway.process.service import load
+    from gateway.processor.query import Queries
+    from gateway.processor.settings import load_processor_config
 
     try:
-        settings = load(config)
+        settings = load_processor_config(config)
         return Queries(settings.influxdb.client(settings.source), settings.influxdb)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
@@ -49,7 +49,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
 
 
 def _run(fn: Callable[[], T]) -> T:
-    from gateway.process.query import QueryInputError
+    from gateway.processor.query import QueryInputError
 
     try:
         return fn()

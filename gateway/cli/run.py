@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gateway.config import ConfigError
+from gateway.common.config import ConfigError
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The gateway's config file.")]
 
@@ -18,7 +18,7 @@ def run(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the edge gateway daemon until SIGTERM or Ctrl-C; SIGHUP reloads the config."""
-    from gateway.daemon import run_until_signalled
+    from gateway.edge.daemon import run_until_signalled
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -32,14 +32,14 @@ def run(
 
 def check(config: ConfigPath = Path("config.toml")) -> None:
     """Check a config file and every probe profile it names, without starting anything."""
-    from gateway.config import PROCESSOR_SECTIONS, load_toml
-    from gateway.process.service import load as load_processor_settings
-    from gateway.settings import load_gateway_config
+    from gateway.common.config import PROCESSOR_SECTIONS, load_toml
+    from gateway.edge.settings import load_gateway_config
+    from gateway.processor.settings import load_processor_config
 
     try:
         cfg = load_gateway_config(config)
         if PROCESSOR_SECTIONS & load_toml(config).keys():
-            load_processor_settings(config)
+            load_processor_config(config)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -11,9 +11,16 @@ from typing import Annotated
 import typer
 from typer import Option
 
-from gateway.config import ConfigError
-from gateway.profiles import load_profile
-from gateway.simulate import FAULTS, SCENARIOS, RtuSimulator, SimBus, SimSlave, TcpSimulator
+from gateway.common.config import ConfigError
+from gateway.edge.acquire.modbus.profiles import load_profile
+from gateway.edge.acquire.modbus.simulate import (
+    FAULTS,
+    SCENARIOS,
+    RtuSimulator,
+    SimBus,
+    SimSlave,
+    TcpSimulator,
+)
 
 
 def _slave_specs(

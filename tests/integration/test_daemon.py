@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.model import format_ts
+from gateway.common.model import format_ts
 from tests.gateway_harness import (
     PROBES,
     ROOT,
@@ -326,9 +326,9 @@ def _garbage(path: Path) -> None:
 
 def _damaged(path: Path) -> None:
     """A real buffer file with readings in it, then some of its pages overwritten."""
-    from gateway.buffer import Buffer, BufferConfig
-    from gateway.metrics import Metrics
-    from gateway.model import Reading
+    from gateway.common.metrics import Metrics
+    from gateway.common.model import Reading
+    from gateway.edge.buffer import Buffer, BufferConfig
 
     with Buffer(BufferConfig(path=str(path)), "gw-old", Metrics()) as b:
         b.submit_wait(
@@ -361,7 +361,7 @@ def test_a_corrupt_buffer_file_is_moved_aside_and_the_gateway_runs(
             gw.wait_serving()
             aside = list(tmp_path.glob("buffer.db.corrupt-*"))
             assert [p for p in aside if p.read_bytes() == spoilt], aside
-            assert "ERROR gateway.buffer" in gw.log() and "corrupt" in gw.log()
+            assert "ERROR gateway.edge.buffer" in gw.log() and "corrupt" in gw.log()
             wait_until(
                 lambda: (
                     {m.key for m in kafka.snapshot(setup.raw_topic)} >= {"ph-1", "uv-1", "cond-1"}

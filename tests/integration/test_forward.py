@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError
 
-from gateway.buffer import Buffer, BufferConfig
-from gateway.forward import ForwardConfig, Forwarder
-from gateway.metrics import Metrics
-from gateway.model import AlarmEvent, Reading
+from gateway.common.metrics import Metrics
+from gateway.common.model import AlarmEvent, Reading
+from gateway.edge.buffer import Buffer, BufferConfig
+from gateway.edge.forward import ForwardConfig, Forwarder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -119,7 +119,7 @@ def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(kafka_env,
     fwd.start()
     try:
         wait_until(lambda: buffer.stats()["rows"] == 0, 60, "the buffer to drain")
-        assert fwd.healthy()[0]
+        assert fwd.health()[0]
     finally:
         fwd.stop()
 
@@ -197,13 +197,13 @@ def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
 ):
     plant = f"it{uuid.uuid4().hex[:8]}"
     buffer.submit_wait([reading(i, "bod-1", plant) for i in range(40)], timeout=10)
-    with caplog.at_level(logging.INFO, logger="gateway.forward"):
+    with caplog.at_level(logging.INFO, logger="gateway.edge.forward"):
         fwd = Forwarder(sasl(kafka_env, "not-the-password", extra=extra), buffer, metrics)
         fwd.start()
         try:
-            wait_until(lambda: not fwd.healthy()[0], 30, "the forwarder to report the failure")
+            wait_until(lambda: not fwd.health()[0], 30, "the forwarder to report the failure")
             time.sleep(12)  # librdkafka retries meanwhile: that must not add log lines
-            ok, detail = fwd.healthy()
+            ok, detail = fwd.health()
         finally:
             fwd.stop(timeout=1)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from pymodbus.client import ModbusSerialClient
 
-from gateway.acquire.modbus import ModbusEngine, load_modbus_config
-from gateway.metrics import Metrics
-from gateway.model import Quality, Reading, Record
-from gateway.profiles import load_profile
-from gateway.registers import decode
-from gateway.simulate import RtuSimulator, SimBus, SimSlave, TcpSimulator
+from gateway.common.metrics import Metrics
+from gateway.common.model import Quality, Reading, Record
+from gateway.edge.acquire.modbus.engine import ModbusEngine, load_modbus_config
+from gateway.edge.acquire.modbus.profiles import load_profile
+from gateway.edge.acquire.modbus.registers import decode
+from gateway.edge.acquire.modbus.simulate import RtuSimulator, SimBus, SimSlave, TcpSimulator
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +137,7 @@ def test_three_probes_on_one_port_and_one_over_tcp_give_the_profiles_readings(ri
     assert flow["flow_rate"].value == 152.5 and flow["flow_rate"].unit == "m3/h"
     assert flow["flow_total"].value == pytest.approx(123456.7)
     assert flow["flow_rate"].plant_id == "plant-a"
-    assert all(h["status"] == "healthy" for h in rig.engine.health().values())
+    assert all(h["status"] == "healthy" for h in rig.engine.devices().values())
 
 
 def test_a_dead_slave_delays_the_others_by_at_most_one_timeout_per_attempt(rig: Rig) -> None:
@@ -317,6 +317,6 @@ def test_a_missing_serial_port_gives_flagged_readings_not_a_crash(tmp_path: Path
         load_modbus_config(table, source=DRIVERS / "x.toml"), sink, metrics
     ) as engine:
         sink.wait_for(_count("PH-9", 2))
-        assert engine.health()[f"modbus {port} unit 1"]["status"] == "unhealthy"
+        assert engine.devices()[f"modbus {port} unit 1"]["status"] == "unhealthy"
     assert all(r.value is None and r.quality_reasons == ["port"] for b in sink.batches for r in b)
     assert _metric(metrics, "iot_modbus_errors_total", port=port, unit="1", kind="port") >= 2

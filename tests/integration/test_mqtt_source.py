@@ -14,10 +14,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from gateway.acquire.mqtt import MqttConfig, MqttSource, Subscription
-from gateway.deadletter import DeadLetterStore
-from gateway.metrics import Metrics
-from gateway.model import Reading, Record
+from gateway.common.metrics import Metrics
+from gateway.common.model import Reading, Record
+from gateway.edge.acquire.mqtt.source import MqttConfig, MqttSource, Subscription
+from gateway.edge.deadletter import DeadLetterStore
+from gateway.edge.intake import Intake
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,13 @@ class Sink:
         self.readings: list[Reading] = []
         self._lock = threading.Lock()
 
-    def __call__(self, records: list[Record], on_durable: Callable[[], None] | None) -> None:
+    def __call__(
+        self,
+        records: list[Record],
+        on_durable: Callable[[], object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
         with self._lock:
             self.readings.extend(r for r in records if isinstance(r, Reading))
         if self.durable and on_durable is not None:
@@ -86,10 +93,13 @@ class Harness:
         )
 
     def start(self, sink: Sink, config: MqttConfig | None = None) -> MqttSource:
-        source = MqttSource(config or self.config(), sink, self.metrics, self.dead, "gw-1")
+        intake = Intake(sink, self.metrics)  # counts received readings, as in the daemon
+        source = MqttSource(
+            config or self.config(), intake.sink_for("mqtt"), self.metrics, self.dead, "gw-1"
+        )
         source.start()
         self.sources.append(source)
-        wait_until(source.healthy, "source connected and subscribed")
+        wait_until(lambda: source.health()[0], "source connected and subscribed")
         return source
 
     def publisher(self) -> mqtt.Client:
@@ -191,7 +201,7 @@ def malformed(prefix: str, i: int) -> tuple[str, bytes, str]:
 
 
 def test_a_thousand_malformed_payloads_are_dead_lettered_and_valid_ones_all_arrive(h, caplog):
-    caplog.set_level(logging.WARNING, logger="gateway.acquire.mqtt")
+    caplog.set_level(logging.WARNING, logger="gateway.edge.acquire.mqtt.source")
     sink = Sink()
     source = h.start(sink)
     h.publisher()
@@ -212,7 +222,7 @@ def test_a_thousand_malformed_payloads_are_dead_lettered_and_valid_ones_all_arri
     wait_until(lambda: len(sink.values()) == len(expected_values), "all valid readings")
     wait_until(lambda: h.dead.count() == 1000, "every malformed payload dead-lettered")
     assert sorted(v for v in sink.values() if v is not None) == sorted(expected_values)
-    assert source.healthy()
+    assert source.health()[0]
 
     by_reason: dict[str, int] = {}
     for _, _, reason in bad:
@@ -284,7 +294,7 @@ def test_refused_credentials_leave_the_source_unhealthy_but_running(h):
     source.start()
     h.sources.append(source)
     wait_until(lambda: "refused" in source.last_error, "the broker's refusal")
-    assert not source.healthy()
+    assert not source.health()[0]
     assert h.sample("iot_active_connections") == 0
 
 
@@ -305,7 +315,7 @@ def test_a_dropped_connection_is_re_established_and_readings_keep_arriving(h):
     kicker.loop_forever()
     wait_until(lambda: source.last_error.startswith("connection lost"), "the drop")
 
-    wait_until(source.healthy, "the source reconnected")
+    wait_until(lambda: source.health()[0], "the source reconnected")
     h.publish([(f"{h.prefix}/num/north/after/BOD", b"2")])
     wait_until(lambda: len(sink.values()) == 2, "the reading after reconnect")
     assert [r.sensor_id for r in sink.readings] == ["before", "after"]

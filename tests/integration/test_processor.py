@@ -31,12 +31,12 @@ from processor_harness import (
     wait_until_done,
 )
 
-from gateway.metrics import Metrics
-from gateway.model import Reading
-from gateway.process.aggregate import window_start
-from gateway.process.query import LATEST_FLUX, Queries
-from gateway.process.setup import TASK_PREFIX
-from gateway.process.store import InfluxStore
+from gateway.common.metrics import Metrics
+from gateway.common.model import Reading
+from gateway.processor.aggregate import window_start
+from gateway.processor.provision import TASK_PREFIX
+from gateway.processor.query import LATEST_FLUX, Queries
+from gateway.processor.store import InfluxStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.buffer import Buffer, BufferConfig
-from gateway.metrics import Metrics
-from gateway.model import AlarmEvent, Reading, Record
-from gateway.serve import HttpConfig, HttpServer
+from gateway.common.http import HttpConfig, HttpServer
+from gateway.common.metrics import Metrics
+from gateway.common.model import AlarmEvent, Reading, Record
+from gateway.edge.acquire.http import HttpIngest
+from gateway.edge.buffer import Buffer, BufferConfig
+from gateway.edge.intake import Intake, Process
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +34,19 @@ def buffer(tmp_path: Path) -> Iterator[Buffer]:
     buf.stop()
 
 
-def make_server(buffer: Buffer | None, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> HttpServer:
+def make_server(
+    buffer: Buffer,
+    monkeypatch: pytest.MonkeyPatch,
+    process: Process | None = None,
+    token: str = "env:GATEWAY_TEST_TOKEN",
+    **kw: Any,
+) -> HttpServer:
+    """The gateway's HTTP server with ingest through the one sink into a real buffer."""
     monkeypatch.setenv("GATEWAY_TEST_TOKEN", TOKEN)
-    config = HttpConfig(port=0, token="env:GATEWAY_TEST_TOKEN", max_body_bytes=4096, **kw)
-    metrics = buffer.metrics if buffer is not None else Metrics()
-    server = HttpServer(config, metrics, buffer=buffer)
+    config = HttpConfig(port=0, token=token, max_body_bytes=4096, **kw)
+    server = HttpServer(config, buffer.metrics)
+    sink = Intake(buffer.submit, buffer.metrics, process).sink_for("http")
+    HttpIngest(config, sink, buffer.metrics, plant_id="default").attach(server)
     server.start()
     return server
 
@@ -80,7 +90,7 @@ def test_one_reading_or_an_array_is_accepted_only_once_committed(server, buffer)
 
 
 def test_readings_go_through_the_pipeline_before_the_buffer(buffer, monkeypatch):
-    def pipeline(readings: list[Reading]) -> list[Record]:
+    def pipeline(readings: Sequence[Reading]) -> list[Record]:
         out: list[Record] = []
         for r in readings:
             alarm = AlarmEvent(
@@ -91,8 +101,7 @@ def test_readings_go_through_the_pipeline_before_the_buffer(buffer, monkeypatch)
             out += [r, alarm]
         return out
 
-    srv = make_server(buffer, monkeypatch)
-    srv.process = pipeline
+    srv = make_server(buffer, monkeypatch, process=pipeline)
     try:
         status, _, _ = request(srv, "POST", "/api/readings", GOOD)
     finally:
@@ -138,9 +147,8 @@ def test_ingest_needs_the_bearer_token(server, buffer, token):
     assert buffer.fetch(10) == []
 
 
-def test_ingest_is_off_without_a_configured_token(buffer):
-    srv = HttpServer(HttpConfig(port=0), buffer.metrics, buffer=buffer)
-    srv.start()
+def test_ingest_is_off_without_a_configured_token(buffer, monkeypatch):
+    srv = make_server(buffer, monkeypatch, token="")
     try:
         status, doc, _ = request(srv, "POST", "/api/readings", GOOD, token="")
     finally:

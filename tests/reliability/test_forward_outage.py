@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message
 
-from gateway.buffer import Buffer, BufferConfig
-from gateway.forward import ForwardConfig, Forwarder
-from gateway.metrics import Metrics
-from gateway.model import Reading
+from gateway.common.metrics import Metrics
+from gateway.common.model import Reading
+from gateway.edge.buffer import Buffer, BufferConfig
+from gateway.edge.forward import ForwardConfig, Forwarder
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(900)]
 
@@ -104,7 +104,7 @@ def test_kafka_down_for_60_s_loses_and_reorders_nothing(kafka_env, tmp_path):
         time.sleep(10)
         kafka("down")
         down_at = time.monotonic()
-        wait_until(lambda: not fwd.healthy()[0], 45, "the forwarder to notice the outage")
+        wait_until(lambda: not fwd.health()[0], 45, "the forwarder to notice the outage")
         rows_during = buffer.stats()["rows"]
         time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
         assert buffer.stats()["rows"] > rows_during  # the buffer grew meanwhile
@@ -115,7 +115,7 @@ def test_kafka_down_for_60_s_loses_and_reorders_nothing(kafka_env, tmp_path):
         stop.set()
         feeder.join()
         wait_until(lambda: buffer.stats()["rows"] == 0, 300, "the buffer to drain")
-        wait_until(lambda: fwd.healthy()[0], 60, "the forwarder to report healthy")
+        wait_until(lambda: fwd.health()[0], 60, "the forwarder to report healthy")
     finally:
         stop.set()
         fwd.stop()

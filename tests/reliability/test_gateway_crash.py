@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from gateway.model import format_ts
+from gateway.common.model import format_ts
 from tests.gateway_harness import (
     Gateway,
     GatewaySetup,

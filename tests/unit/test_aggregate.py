@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.model import Quality, Reading
-from gateway.process.aggregate import (
+from gateway.common.model import Quality, Reading
+from gateway.processor.aggregate import (
     Outcome,
     PartitionWindows,
     WindowAggregate,

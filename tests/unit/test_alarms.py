@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.alarms import AlarmConfig, AlarmEngine, Limits, is_chattering, is_flood
-from gateway.config import ConfigError, build
-from gateway.model import PARAMETERS, Quality, Reading
+from gateway.common.alarms import AlarmConfig, AlarmEngine, Limits, is_chattering, is_flood
+from gateway.common.config import ConfigError, build
+from gateway.common.model import PARAMETERS, Quality, Reading
 
 T0 = 1_780_000_000.0
 BAD = "bad"

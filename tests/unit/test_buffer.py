@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.buffer import Buffer, BufferConfig
-from gateway.metrics import Metrics
-from gateway.model import AlarmEvent, Reading
+from gateway.common.metrics import Metrics
+from gateway.common.model import AlarmEvent, Reading
+from gateway.edge.buffer import Buffer, BufferConfig
 
 
 def reading(i: int, sensor: str = "ph-1", plant: str = "north") -> Reading:
@@ -33,9 +33,9 @@ def open_buffer(tmp_path: Path, metrics: Metrics | None = None, **cfg: object) -
 def eventually_healthy(buf: Buffer, want: bool) -> bool:
     """The health once it matches ``want`` (the writer notices a full buffer within ~1 s)."""
     deadline = time.monotonic() + 10
-    while buf.healthy()[0] != want and time.monotonic() < deadline:
+    while buf.health()[0] != want and time.monotonic() < deadline:
         time.sleep(0.05)
-    return buf.healthy()[0]
+    return buf.health()[0]
 
 
 def all_rows(buf: Buffer) -> list:
@@ -156,11 +156,11 @@ def test_fetch_pages_by_id_and_delete_removes_only_the_given_rows(tmp_path):
 def test_block_policy_holds_new_readings_until_rows_are_forwarded(tmp_path, caplog):
     buf = open_buffer(tmp_path, max_rows=10, overflow="block")
     buf.submit_wait([reading(i) for i in range(10)], timeout=10)
-    with caplog.at_level(logging.WARNING, logger="gateway.buffer"):
+    with caplog.at_level(logging.WARNING, logger="gateway.edge.buffer"):
         with pytest.raises(TimeoutError):
             buf.submit_wait([reading(10)], timeout=1.5)
         ok = eventually_healthy(buf, False)
-    detail = buf.healthy()[1]
+    detail = buf.health()[1]
     assert not ok and "full" in detail["error"]
     assert any("holding the sources back" in r.getMessage() for r in caplog.records)
     assert buf.stats()["rows"] == 10  # nothing dropped
@@ -186,7 +186,7 @@ def test_block_policy_takes_a_batch_whole_once_it_fits(tmp_path):
     buf.delete([r.id for r in buf.fetch(3)])
     assert committed.wait(10)
     assert buf.stats()["rows"] == 10
-    assert buf.healthy()[0]
+    assert buf.health()[0]
     buf.stop()
 
 
@@ -201,7 +201,7 @@ def test_block_policy_also_honours_the_byte_bound(tmp_path):
 def test_drop_oldest_keeps_the_newest_counts_drops_and_raises_an_alarm(tmp_path, caplog):
     metrics = Metrics()
     buf = open_buffer(tmp_path, metrics, max_rows=10, overflow="drop_oldest")
-    with caplog.at_level(logging.ERROR, logger="gateway.buffer"):
+    with caplog.at_level(logging.ERROR, logger="gateway.edge.buffer"):
         for i in range(25):
             buf.submit_wait([reading(i)], timeout=10)
     rows = all_rows(buf)
@@ -225,7 +225,7 @@ def test_drop_oldest_keeps_the_newest_counts_drops_and_raises_an_alarm(tmp_path,
 def test_a_file_that_is_not_a_database_is_moved_aside(tmp_path, caplog):
     path = tmp_path / "buffer.db"
     path.write_bytes(b"this is not an SQLite file\n" * 200)
-    with caplog.at_level(logging.ERROR, logger="gateway.buffer"):
+    with caplog.at_level(logging.ERROR, logger="gateway.edge.buffer"):
         buf = open_buffer(tmp_path)
     buf.submit_wait([reading(1)], timeout=10)
     assert len(all_rows(buf)) == 1
@@ -245,7 +245,7 @@ def test_a_damaged_database_is_moved_aside(tmp_path, caplog):
     page = 4096
     data[page * 3 : page * 6] = b"\xa5" * (page * 3)  # scribble over b-tree pages
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.ERROR, logger="gateway.buffer"):
+    with caplog.at_level(logging.ERROR, logger="gateway.edge.buffer"):
         buf = open_buffer(tmp_path)
     assert all_rows(buf) == []
     buf.submit_wait([reading(1)], timeout=10)
@@ -274,5 +274,5 @@ def test_size_metrics_follow_the_rows(tmp_path):
     assert size("iot_buffer_size", {"plant_id": "south"}) == 2
     assert (size("iot_buffer_bytes") or 0) > 0
     assert (size("iot_buffer_oldest_age_seconds") or 0) >= 0
-    assert buf.healthy()[0]
+    assert buf.health()[0]
     buf.stop()

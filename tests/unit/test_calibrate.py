@@ -7,7 +7,9 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from gateway.calibrate import (
+from gateway.cli import app
+from gateway.common.model import Reading
+from gateway.edge.calibrate import (
     CalibrationRecord,
     CalibrationStore,
     Standard,
@@ -21,8 +23,6 @@ from gateway.calibrate import (
     ph_from_mv,
     tds,
 )
-from gateway.cli import app
-from gateway.model import Reading
 
 T0 = 1_780_000_000.0
 

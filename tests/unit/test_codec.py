@@ -10,8 +10,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.model import Quality, Reading, Rejection, format_ts, parse_ts
-from gateway.process.codec import _decode_slow, canonical_ts, decode, reading_json
+from gateway.common.model import Quality, Reading, Rejection, format_ts, parse_ts
+from gateway.processor.codec import _decode_slow, canonical_ts, decode, reading_json
 
 # 1970 .. 2100 in milliseconds, plus a margin either side (out of range is a rejection)
 millis = st.integers(-86_400_000, 4_102_444_800_000 + 86_400_000)

@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from gateway.config import ConfigError, build, load_toml, secret
+from gateway.common.config import ConfigError, build, load_toml, secret
 
 
 @dataclass

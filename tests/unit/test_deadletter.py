@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from gateway.deadletter import DeadLetterStore
+from gateway.edge.deadletter import DeadLetterStore
 
 
 def test_rows_keep_what_an_operator_needs(tmp_path):

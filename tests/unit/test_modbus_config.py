@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.acquire.modbus import load_modbus_config, resolve_buses
-from gateway.config import ConfigError
+from gateway.common.config import ConfigError
+from gateway.edge.acquire.modbus.engine import load_modbus_config, resolve_buses
 
 DRIVERS = Path(__file__).resolve().parents[2] / "drivers"
 SOURCE = DRIVERS / "gateway.toml"  # profile paths are relative to the config file's folder

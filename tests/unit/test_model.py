@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.model import (
+from gateway.common.model import (
     Quality,
     Reading,
     Rejection,

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.acquire.mqtt import MqttConfig, Subscription, parse_message
-from gateway.config import ConfigError
-from gateway.model import Quality, Reading, Rejection
+from gateway.common.config import ConfigError
+from gateway.common.model import Quality, Reading, Rejection
+from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
+from gateway.edge.acquire.mqtt.source import MqttConfig
 
 T0 = 1_780_000_000.0
 PATTERN = "plant/{plantId}/{sensorId}/{parameter}"

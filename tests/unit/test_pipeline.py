@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.alarms import AlarmConfig, AlarmEngine
-from gateway.calibrate import CalibrationStore, Standard, calibrate_linear, calibrate_ph
-from gateway.metrics import Metrics
-from gateway.model import AlarmEvent, Quality, Reading, now_ts
-from gateway.pipeline import EdgePipeline
-from gateway.validate import ValidationConfig, Validator
+from gateway.common.alarms import AlarmConfig, AlarmEngine
+from gateway.common.metrics import Metrics
+from gateway.common.model import AlarmEvent, Quality, Reading, now_ts
+from gateway.common.validate import ValidationConfig, Validator
+from gateway.edge.calibrate import CalibrationStore, Standard, calibrate_linear, calibrate_ph
+from gateway.edge.pipeline import EdgePipeline
 
 
 def reading(parameter, value, unit="mg/L", sensor="uv-01", dt=0.0) -> Reading:

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import ConfigError
-from gateway.model import PARAMETERS, Quality
-from gateway.profiles import Profile, load_profile
-from gateway.registers import decode_profile, plan_reads
-from gateway.simulate import SimSlave
+from gateway.common.config import ConfigError
+from gateway.common.model import PARAMETERS, Quality
+from gateway.edge.acquire.modbus.profiles import Profile, load_profile
+from gateway.edge.acquire.modbus.registers import decode_profile, plan_reads
+from gateway.edge.acquire.modbus.simulate import SimSlave
 
 DRIVERS = Path(__file__).resolve().parents[2] / "drivers"
 PROFILES = sorted(DRIVERS.glob("*.toml"))

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.process.query import (
+from gateway.processor.provision import flux_string
+from gateway.processor.query import (
     QueryInputError,
     check_parameter,
     check_plant,
     parse_duration,
     parse_time,
 )
-from gateway.process.setup import flux_string
 
 INJECTIONS = [
     'north") |> drop(columns: ["_value"]) //',

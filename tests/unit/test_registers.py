@@ -9,9 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymodbus.client import ModbusTcpClient
 
-from gateway.acquire.frames import ModbusError, crc16, crc_ok, parse_read_response, rtu_frame
-from gateway.model import Rejection
-from gateway.registers import (
+from gateway.common.model import Rejection
+from gateway.edge.acquire.modbus.frames import (
+    ModbusError,
+    crc16,
+    crc_ok,
+    parse_read_response,
+    rtu_frame,
+)
+from gateway.edge.acquire.modbus.registers import (
     TYPES,
     WORD_ORDERS,
     Block,

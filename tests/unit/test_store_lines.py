@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from gateway.model import AlarmEvent, Quality, Reading, Rejection
-from gateway.process.aggregate import WindowAggregate
-from gateway.process.codec import decode
-from gateway.process.store import alarm_line, reading_line, window_line
+from gateway.common.model import AlarmEvent, Quality, Reading, Rejection
+from gateway.processor.aggregate import WindowAggregate
+from gateway.processor.codec import decode
+from gateway.processor.store import alarm_line, reading_line, window_line
 
 TS = 1_790_000_000.123
 

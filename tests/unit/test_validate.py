@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import ConfigError, build
-from gateway.model import PARAMETERS, Quality, Reading
-from gateway.validate import SensorValidation, ValidationConfig, Validator
+from gateway.common.config import ConfigError, build
+from gateway.common.model import PARAMETERS, Quality, Reading
+from gateway.common.validate import SensorValidation, ValidationConfig, Validator
 
 NOW = 1_780_000_000.0
 GOOD, UNCERTAIN, BAD = Quality.GOOD, Quality.UNCERTAIN, Quality.BAD

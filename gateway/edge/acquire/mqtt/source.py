@@ -1,0 +1,355 @@
+"""MQTT source: subscribes to a broker and hands readings to the sink, acknowledging each message
+only once its readings are durable.
+
+Delivery: MQTT v5 with ``clean_start=False`` and a session expiry, so the broker keeps the session
+and queues QoS 1 messages while the gateway is down; paho's manual ack sends the PUBACK from the
+sink's ``on_durable`` callback. A message that is never made durable is never acknowledged, and
+the broker redelivers it on the next connection.
+
+Malformed payloads are counted, logged (rate-limited), stored in the dead-letter store and then
+acknowledged: the dead-letter row is their durable home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.common.config import build, secret
+from gateway.common.logs import RateLimitedLog
+from gateway.common.metrics import Metrics
+from gateway.common.model import Reading, Record, Rejection
+from gateway.common.stage import Health, Sink
+from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
+from gateway.edge.deadletter import DeadLetterStore
+
+log = logging.getLogger(__name__)
+
+SOURCE = "mqtt"
+
+
+@dataclass
+class MqttConfig:
+    """The ``[mqtt]`` section."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    ca_file: str = ""  # empty: the system's CAs
+    username: str = ""
+    password: str = ""  # env:NAME or file:/path
+    client_id: str = ""  # stable across restarts (it names the session); default from gateway id
+    keepalive: int = 30
+    session_expiry: int = 7 * 86400  # seconds the broker keeps queueing for us while we are down
+    receive_maximum: int = 1000  # unacknowledged QoS 1 messages the broker may have in flight
+    reconnect_min_delay: int = 1
+    reconnect_max_delay: int = 60
+    max_payload_bytes: int = 65536
+    subscriptions: list[Subscription] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {self.port}")
+        if not 0 < self.receive_maximum < 65536:
+            raise ValueError("receive_maximum must be 1-65535")
+        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
+            raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
+        if self.enabled and not self.subscriptions:
+            raise ValueError("mqtt is enabled but has no [[mqtt.subscriptions]]")
+        if self.enabled and self.ca_file and not Path(self.ca_file).is_file():
+            raise ValueError(f"ca_file {self.ca_file} does not exist")
+
+    @classmethod
+    def from_toml(cls, table: dict[str, Any], *, source: str | Path) -> MqttConfig:
+        return build(cls, table, source=source, prefix="mqtt").with_secrets(source)
+
+    def with_secrets(self, source: str | Path) -> MqttConfig:
+        """A copy with ``password`` resolved (env:/file:); a disabled source needs no secret."""
+        if not self.enabled:
+            return self
+        return dataclasses.replace(
+            self, password=secret(self.password, source=source, key="mqtt.password")
+        )
+
+
+# ---------------------------------------------------------------- the source
+
+
+class MqttSource:
+    """Subscribes per ``config`` and feeds ``sink``; ``start()``/``stop()`` own the paho thread."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        sink: Sink,
+        metrics: Metrics,
+        dead_letters: DeadLetterStore,
+        gateway_id: str,
+        *,
+        log_interval: float = 10.0,
+    ) -> None:
+        self.config = config
+        self._sink = sink
+        self._metrics = metrics
+        self._dead = dead_letters
+        self._gateway_id = gateway_id
+        self._client_id = config.client_id or f"edge-gateway-{gateway_id}"
+        self._log = RateLimitedLog(log, log_interval)
+        self._client: mqtt.Client | None = None
+        # Guards connection state and acks. ``_generation`` changes at every disconnect: an ack
+        # for a message of an earlier connection is dropped (the broker redelivers it), because
+        # its packet id may name another message on the new connection.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._generation = 0
+        self._connected = False
+        self._subscribed = False
+        self._accepting = False
+        self._pending = 0  # handed to the sink, not yet durable
+        self._unsubacked: set[int] = set()  # mids of answered ack barriers (see _confirm_acks)
+        self.last_error = ""  # for /health details
+        self._sub_cache: dict[str, Subscription | None] = {}
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        cfg = self.config
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.password or None)
+        if cfg.tls:
+            client.tls_set(ca_certs=cfg.ca_file or None, cert_reqs=ssl.CERT_REQUIRED)
+        client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_unsubscribe = self._on_unsubscribe
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = cfg.session_expiry
+        props.ReceiveMaximum = cfg.receive_maximum
+        with self._lock:
+            self._accepting = True
+        self._client = client
+        # connect_async + loop_start: the first connection is retried with back-off like later ones.
+        client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props)
+        client.loop_start()
+
+    def stop(self, drain_timeout: float = 5.0, ack_timeout: float = 5.0) -> None:
+        """Stop taking messages, wait up to ``drain_timeout`` for those in the sink to become
+        durable (and be acknowledged), up to ``ack_timeout`` for the broker to confirm it has read
+        those acks, then disconnect. Unacknowledged ones are redelivered later.
+        """
+        client = self._client
+        if client is None:
+            return
+        with self._lock:
+            self._accepting = False
+            self._idle.wait_for(lambda: self._pending == 0, timeout=drain_timeout)
+            self._generation += 1  # late acks must not reach a later connection
+            connected, generation = self._connected, self._generation
+        if connected:
+            self._confirm_acks(client, generation, ack_timeout)
+        client.disconnect()
+        client.loop_stop()
+        with self._lock:
+            self._set_disconnected()
+        self._client = None
+
+    def _confirm_acks(self, client: mqtt.Client, generation: int, timeout: float) -> None:
+        """Wait until the broker has read every PUBACK written so far.
+
+        paho writes the acks, then DISCONNECT, and closes the socket at once; a busy broker may not
+        have read them yet. If the same client id connects first (a quick restart), Mosquitto
+        drops the old connection with its unread acks ("already connected, closing old
+        connection") and redelivers messages we had acknowledged. The broker handles a
+        connection's packets in order, so its UNSUBACK to an UNSUBSCRIBE of a filter we never
+        subscribed to (no side effect) comes after every earlier ack was processed.
+        """
+        rc, mid = client.unsubscribe(f"edge-gateway/ack-barrier/{uuid.uuid4().hex}")
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return
+        with self._lock:
+            confirmed = self._idle.wait_for(
+                lambda: mid in self._unsubacked or self._generation != generation, timeout
+            )
+            self._unsubacked.clear()
+        if not confirmed:
+            log.warning("MQTT broker did not confirm the last acks; some may be redelivered")
+
+    def health(self) -> Health:
+        """Healthy while connected and the broker accepted every subscription."""
+        with self._lock:
+            ok = self._accepting and self._connected and self._subscribed
+        return ok, {"error": self.last_error}
+
+    # -- paho callbacks (paho's network thread)
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            self.last_error = f"broker refused the connection: {rc}"
+            self._log.warning("connect", "MQTT %s: %s", self._where(), self.last_error)
+            return
+        with self._lock:
+            if not self._connected:
+                self._connected = True
+                self._metrics.active_connections.inc()
+        log.info("MQTT connected to %s (session present: %s)", self._where(), flags.session_present)
+        subs = [(s.topic, s.qos) for s in self.config.subscriptions]
+        if subs:
+            client.subscribe(subs)
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        self.last_error = "cannot connect"
+        self._log.warning("connect", "MQTT %s: cannot connect, retrying", self._where())
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        with self._lock:
+            was_connected = self._connected
+            self._set_disconnected()
+            accepting = self._accepting
+        if was_connected and accepting:
+            self.last_error = f"connection lost: {rc}"
+            self._log.warning("disconnect", "MQTT connection to %s lost: %s", self._where(), rc)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        subs = self.config.subscriptions
+        refused = [(s.topic, c) for s, c in zip(subs, codes, strict=False) if c.is_failure]
+        for topic, code in refused:
+            log.error("MQTT broker refused subscription %r: %s", topic, code)
+        with self._lock:
+            self._subscribed = not refused
+
+    def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
+        with self._lock:
+            self._unsubacked.add(mid)
+            self._idle.notify_all()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle(msg)
+        except Exception as e:  # paho would stop its thread; the message stays unacked
+            self._log.warning("handler", "MQTT message not handled, it will be redelivered: %r", e)
+
+    # -- message handling
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            if not self._accepting:
+                return  # stopping: the broker redelivers it next time
+            generation = self._generation
+        mid, qos = msg.mid, msg.qos
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = msg._topic.decode("utf-8", "replace")
+            self._reject(topic, payload, Rejection("bad_topic", "topic is not UTF-8"))
+            self._ack(mid, qos, generation)
+            return
+        sub = self._subscription_for(topic)
+        if sub is None:  # e.g. a filter left in the persistent session by an older config
+            result: list[Reading] | Rejection = Rejection("no_subscription", topic[:200])
+        else:
+            result = parse_message(
+                topic, payload, sub, max_payload_bytes=self.config.max_payload_bytes
+            )
+        if isinstance(result, Rejection):
+            self._reject(topic, payload, result)
+            self._ack(mid, qos, generation)
+            return
+        for r in result:
+            r.gateway_id = self._gateway_id
+        done = False
+
+        def on_durable() -> None:
+            nonlocal done
+            with self._lock:
+                if done:  # a second call must not ack twice or unbalance _pending
+                    return
+                done = True
+                self._settle()
+                self._ack_locked(mid, qos, generation)
+
+        records: list[Record] = [*result]
+        with self._lock:
+            self._pending += 1
+        try:
+            self._sink(records, on_durable)
+        except BaseException:
+            with self._lock:
+                if not done:
+                    done = True
+                    self._settle()
+            raise
+
+    def _reject(self, topic: str, payload: bytes, rejection: Rejection) -> None:
+        """Count, log and dead-letter; raises (and so leaves it unacked) if the store fails."""
+        self._metrics.rejected_payloads.labels(SOURCE, rejection.reason).inc()
+        self._log.warning(
+            rejection.reason,
+            "rejected MQTT payload on %r (%d bytes): %s",
+            topic[:200],
+            len(payload),
+            rejection,
+        )
+        self._dead.add(SOURCE, topic, rejection.reason, payload, rejection.detail)
+
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        with self._lock:
+            self._ack_locked(mid, qos, generation)
+
+    def _ack_locked(self, mid: int, qos: int, generation: int) -> None:
+        # paho's ack() only appends the PUBACK to a deque and wakes the network thread through
+        # its socketpair (as publish() does), so any thread may call it while loop_start()'s
+        # thread runs. Holding _lock keeps it off a later connection (see _generation).
+        client = self._client
+        if qos and client is not None and self._connected and generation == self._generation:
+            client.ack(mid, qos)
+
+    def _settle(self) -> None:  # caller holds _lock
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.notify_all()
+
+    def _set_disconnected(self) -> None:  # caller holds _lock
+        self._subscribed = False
+        if self._connected:
+            self._connected = False
+            self._generation += 1
+            self._idle.notify_all()  # a wait for this connection's answer is over
+            self._metrics.active_connections.dec()
+
+    def _subscription_for(self, topic: str) -> Subscription | None:
+        """The first subscription whose filter matches; memoised, as a plant's topics are few."""
+        try:
+            return self._sub_cache[topic]
+        except KeyError:
+            pass
+        found = next(
+            (s for s in self.config.subscriptions if mqtt.topic_matches_sub(s.topic, topic)), None
+        )
+        if len(self._sub_cache) >= 10_000:
+            self._sub_cache.clear()
+        self._sub_cache[topic] = found
+        return found
+
+    def _where(self) -> str:
+        return f"{self.config.host}:{self.config.port}"

@@ -1,0 +1,584 @@
+"""Durable disk buffer between the sources and the forwarder: SQLite in WAL mode, group commit.
+
+A record counts as received once the transaction holding it is committed. One writer thread owns
+every write (inserts, the forwarder's deletes, overflow drops), so there is never lock contention
+between writers; it commits whatever has queued up at most every ``commit_interval_ms`` and then
+calls the submitters' ``on_durable`` callbacks. Readers (the forwarder) use their own connection.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from gateway.common.metrics import Metrics
+from gateway.common.model import AlarmEvent, Reading, Record
+from gateway.common.stage import Health, OnDurable, SinkClosed, submit_and_wait
+
+log = logging.getLogger(__name__)
+
+ROW_OVERHEAD = 64  # bytes per row besides the payload (key, plant, id, index entry), roughly
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,                -- the record's seq: never reused, even across restarts
+    kind TEXT NOT NULL,                    -- 'reading' or 'alarm'
+    plant_id TEXT NOT NULL,
+    key TEXT NOT NULL,                     -- sensor id, the Kafka key
+    payload BLOB NOT NULL,                 -- the record's wire JSON, gatewayId and seq filled
+    created REAL NOT NULL                  -- commit time, epoch seconds
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass
+class BufferConfig:
+    """TOML ``[buffer]``."""
+
+    path: str = "var/buffer.db"
+    max_rows: int = 5_000_000
+    max_bytes: int = 2_000_000_000  # payload plus ROW_OVERHEAD per row; may overshoot by a batch
+    overflow: Literal["block", "drop_oldest"] = "block"
+    commit_interval_ms: float = 5.0
+    max_batch: int = 5000  # records per transaction
+    queue_max: int = 20000  # records waiting in memory before submit() blocks
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_bytes", "max_batch", "queue_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.commit_interval_ms <= 1000:
+            raise ValueError("commit_interval_ms must be between 0 and 1000")
+
+
+class Row(NamedTuple):
+    id: int
+    kind: str  # 'reading' or 'alarm'
+    plant_id: str
+    key: str
+    payload: bytes
+    created: float
+
+
+class BufferClosed(SinkClosed):
+    pass
+
+
+class _Corrupt(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Submission:
+    records: list[Record]
+    on_durable: Callable[[], object] | None
+    queued_at: float
+
+
+_Delete = tuple[list[int], threading.Event | None]
+_Work = tuple[list[_Submission], list[_Delete]]
+
+
+class Buffer:
+    def __init__(self, config: BufferConfig, gateway_id: str, metrics: Metrics) -> None:
+        self.config = config
+        self.gateway_id = gateway_id
+        self.metrics = metrics
+        self.path = Path(config.path)
+        self.commits = 0  # transactions committed, for tests and diagnostics
+        self.last_id = 0  # highest committed row id
+        self._lock = threading.Lock()
+        self._has_work = threading.Condition(self._lock)
+        self._has_room = threading.Condition(self._lock)
+        self._committed = threading.Condition(self._lock)
+        self._inserts: deque[_Submission] = deque()
+        self._queued = 0
+        self._deletes: list[_Delete] = []
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        self._read_lock = threading.Lock()
+        self._plants: Counter[str] = Counter()
+        self._rows = 0
+        self._bytes = 0
+        self._seq = 0
+        self._dropping = False
+        self._blocked = False
+        self._error = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lockfile = open(f"{self.path}.lock", "w")  # noqa: SIM115 (held until stop)
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfile.close()
+            raise RuntimeError(f"buffer {self.path} is in use by another process") from None
+        self._con = self._open()
+        self._reader = self._connect(read_only=True)
+        self._load_state()
+        self._stopped = threading.Event()
+        self._writer = threading.Thread(target=self._run, name="buffer-writer", daemon=True)
+        self._writer.start()
+        self._maintainer = threading.Thread(
+            target=self._maintain, name="buffer-maintenance", daemon=True
+        )
+        self._maintainer.start()
+
+    def stop(self) -> None:
+        """Commit everything queued (beyond the bound if need be: it is only in memory), close."""
+        with self._lock:
+            self._closing = True
+            self._has_work.notify_all()
+            self._has_room.notify_all()
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+            self._stopped.set()
+            self._maintainer.join()
+            self._reader.close()
+            self._con.close()
+            self._lockfile.close()
+
+    def __enter__(self) -> Buffer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _connect(self, read_only: bool = False) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if read_only:
+            con.execute("PRAGMA query_only = ON")
+            return con
+        con.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode, NORMAL only syncs the WAL at checkpoints: a committed transaction survives
+        # a process crash but can vanish in a power cut. FULL fsyncs the WAL on every commit, so a
+        # reading reported durable survives the power cut too; group commit keeps that affordable.
+        con.execute("PRAGMA synchronous = FULL")
+        con.execute("PRAGMA journal_size_limit = 67108864")
+        # Checkpoints copy the WAL into the database and fsync it, which takes tens of ms: the
+        # maintenance thread runs them, so they never delay a commit (and an on_durable).
+        con.execute("PRAGMA wal_autocheckpoint = 0")
+        return con
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return self._open_checked()
+        except (sqlite3.DatabaseError, _Corrupt) as e:
+            code = getattr(e, "sqlite_errorname", "")
+            if not (
+                isinstance(e, _Corrupt)
+                or code.startswith("SQLITE_CORRUPT")
+                or code == "SQLITE_NOTADB"
+            ):
+                raise
+            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(f"{self.path}{suffix}"):
+                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            log.error(
+                "buffer %s is corrupt (%s): moved it aside to %s and started a new one; "
+                "rows in it were not forwarded",
+                self.path,
+                e,
+                aside,
+            )
+            return self._open_checked()
+
+    def _open_checked(self) -> sqlite3.Connection:
+        con = self._connect()
+        try:
+            result = [r[0] for r in con.execute("PRAGMA quick_check")]
+            if result != ["ok"]:
+                raise _Corrupt("; ".join(result[:3]))
+            con.executescript(SCHEMA)
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _load_state(self) -> None:
+        con = self._con
+        for plant, n, size in con.execute(
+            "SELECT plant_id, count(*), sum(length(payload)) FROM records GROUP BY plant_id"
+        ):
+            self._plants[plant] = n
+            self._rows += n
+            self._bytes += size + n * ROW_OVERHEAD
+        row = con.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()
+        if row is None:
+            # A new file (first start, or the old one was corrupt and moved aside) starts seq at
+            # the clock in microseconds: far above any earlier seq of this gateway (which grows by
+            # far less than a million a second), so downstream de-duplication by (gatewayId, seq)
+            # never mistakes new readings for old ones.
+            self._seq = int(time.time() * 1_000_000)
+            con.execute("INSERT INTO meta VALUES ('seq', ?)", (self._seq,))
+        else:
+            self._seq = row[0]
+        self.last_id = con.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
+        self._gauged: set[str] = set()
+        self._refresh_gauges(con)
+
+    # -- producer side -----------------------------------------------------------------------
+
+    def submit(
+        self,
+        records: Iterable[Record],
+        on_durable: OnDurable | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Queue records for the next commit; ``on_durable`` runs in the writer after it.
+
+        Blocks while the in-memory queue is full (back-pressure); raises TimeoutError after
+        ``timeout`` seconds of that. The records are given away: the writer fills gateway_id/seq.
+        """
+        sub = _Submission(list(records), on_durable, time.monotonic())
+        for r in sub.records:
+            if not isinstance(r, Reading | AlarmEvent):
+                raise TypeError(f"the buffer stores readings and alarm events, not {r!r}")
+        deadline = None if timeout is None else sub.queued_at + timeout
+        with self._lock:
+            while self._queued >= self.config.queue_max and not self._closing:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("buffer queue full")
+                self._has_room.wait(left)
+            if self._closing:
+                raise BufferClosed("buffer is stopping")
+            self._inserts.append(sub)
+            self._queued += len(sub.records)
+            self._has_work.notify()
+
+    def submit_wait(self, records: Iterable[Record], timeout: float) -> None:
+        """Submit and return once committed; TimeoutError if not durable within ``timeout``."""
+        submit_and_wait(self.submit, list(records), timeout)
+
+    # -- consumer side -----------------------------------------------------------------------
+
+    def fetch(self, limit: int, after_id: int = 0) -> list[Row]:
+        """Up to ``limit`` committed rows with id > ``after_id``, oldest first."""
+        with self._read_lock:
+            cur = self._reader.execute(
+                "SELECT id, kind, plant_id, key, payload, created FROM records"
+                " WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            )
+            return list(map(Row._make, cur))
+
+    def delete(self, ids: Iterable[int], *, wait: bool = False, timeout: float = 30.0) -> None:
+        """Delete rows by id in the writer's next transaction.
+
+        With ``wait``, return once that is committed, together with every delete queued before
+        (so ``delete([], wait=True)`` is a barrier for earlier deletes).
+        """
+        batch = list(ids)
+        if not batch and not wait:
+            return
+        done = threading.Event() if wait else None
+        with self._lock:
+            if self._closing and self._writer is None:
+                raise BufferClosed("buffer is stopped")
+            self._deletes.append((batch, done))
+            self._has_work.notify()
+        if done is not None and not done.wait(timeout):
+            raise TimeoutError(f"delete not committed within {timeout} s")
+
+    def wait_for_rows(self, after_id: int, timeout: float) -> bool:
+        """Block until a row with id > ``after_id`` is committed (True) or ``timeout`` passes."""
+        with self._lock:
+            return self._committed.wait_for(lambda: self.last_id > after_id, timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return {"rows": self._rows, "bytes": self._bytes, "queued": self._queued}
+
+    def health(self) -> Health:
+        detail = self.stats()
+        if self._writer is None or not self._writer.is_alive() or not self._maintainer.is_alive():
+            return False, {**detail, "error": "buffer threads are not running"}
+        if self._error:
+            return False, {**detail, "error": self._error}
+        if self._blocked:
+            return False, {**detail, "error": "buffer full: sources are held back (overflow=block)"}
+        if self._dropping:
+            error = "buffer full: the oldest readings are dropped (overflow=drop_oldest)"
+            return False, {**detail, "error": error}
+        return True, detail
+
+    # -- writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_commit = 0.0
+        try:
+            while (work := self._take(last_commit)) is not None:
+                if work[0] or work[1]:
+                    self._commit_retrying(*work)
+                    last_commit = time.monotonic()
+        except Exception:
+            log.exception("buffer writer stopped by an unexpected error")
+            raise
+
+    def _fits(self, n: int, taken: int) -> bool:
+        """Whether ``n`` more records may go in now (besides ``taken`` already in this batch)."""
+        cfg = self.config
+        if cfg.overflow != "block" or self._closing:
+            return True
+        rows = self._rows + taken
+        if rows >= cfg.max_rows or self._bytes >= cfg.max_bytes:
+            return False
+        return rows + n <= cfg.max_rows or rows == 0  # a batch larger than the bound: alone
+
+    def _take(self, last_commit: float) -> _Work | None:
+        cfg = self.config
+        with self._lock:
+
+            def ready() -> bool:
+                if self._deletes or self._closing:
+                    return True
+                return bool(self._inserts) and self._fits(len(self._inserts[0].records), 0)
+
+            if not self._has_work.wait_for(ready, timeout=1.0):
+                self._set_blocked(bool(self._inserts))
+                return [], []
+        # Group commit: let records gather until commit_interval has passed since the last one.
+        wait = last_commit + cfg.commit_interval_ms / 1000 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        with self._lock:
+            subs: list[_Submission] = []
+            taken = 0
+            while self._inserts and taken < cfg.max_batch:
+                n = len(self._inserts[0].records)
+                if not self._fits(n, taken):
+                    break
+                subs.append(self._inserts.popleft())
+                taken += n
+            self._set_blocked(bool(self._inserts) and not subs)
+            deletes, self._deletes = self._deletes, []
+            self._queued -= taken
+            if taken:
+                self._has_room.notify_all()
+            if self._closing and not (subs or deletes or self._inserts):
+                return None
+            return subs, deletes
+
+    def _set_blocked(self, blocked: bool) -> None:
+        if blocked and not self._blocked:
+            log.warning(
+                "buffer %s is full (%d rows, %d bytes): holding the sources back until the "
+                "forwarder drains it (overflow=block)",
+                self.path,
+                self._rows,
+                self._bytes,
+            )
+        elif self._blocked and not blocked:
+            log.info("buffer %s has room again", self.path)
+        self._blocked = blocked
+
+    def _commit_retrying(self, subs: list[_Submission], deletes: list[_Delete]) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self._commit(subs, deletes)
+                self._error = ""
+                break
+            except sqlite3.Error as e:
+                if self._con.in_transaction:
+                    self._con.rollback()
+                self._error = f"commit failed: {e}"
+                log.error(
+                    "buffer %s: commit failed (%s); retrying in %.1f s", self.path, e, backoff
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        for _, done in deletes:
+            if done is not None:
+                done.set()
+        now = time.monotonic()
+        observe = self.metrics.processing_latency.labels("buffer").observe
+        for sub in subs:
+            observe(now - sub.queued_at)
+            if sub.on_durable is not None:
+                try:
+                    sub.on_durable()
+                except Exception:
+                    log.exception("on_durable callback failed")
+
+    def _encode(self, r: Record, seq: int, now: float) -> tuple[int, str, str, str, bytes, float]:
+        r.gateway_id = self.gateway_id
+        r.seq = seq
+        kind = "alarm" if isinstance(r, AlarmEvent) else "reading"
+        return seq, kind, r.plant_id, r.sensor_id, r.to_json(), now
+
+    def _commit(self, subs: list[_Submission], deletes: list[_Delete]) -> None:
+        con = self._con
+        now = time.time()
+        seq = self._seq
+        rows = []
+        for sub in subs:
+            for r in sub.records:
+                seq += 1
+                rows.append(self._encode(r, seq, now))
+        removed: Counter[str] = Counter()
+        removed_bytes = 0
+        con.execute("BEGIN IMMEDIATE")
+        for lo, hi in _ranges(i for batch, _ in deletes for i in batch):
+            removed_bytes += self._remove("id BETWEEN ? AND ?", (lo, hi), removed)
+        if self.config.overflow == "drop_oldest":
+            new_bytes = sum(len(row[4]) + ROW_OVERHEAD for row in rows)
+            alarm, dropped = self._drop_oldest(len(rows), new_bytes, removed, removed_bytes, now)
+            removed_bytes += dropped
+            if alarm is not None:
+                seq += 1
+                rows.append(self._encode(alarm, seq, now))
+        if rows:
+            con.executemany(
+                "INSERT INTO records (id, kind, plant_id, key, payload, created)"
+                " VALUES (?,?,?,?,?,?)",
+                rows,
+            )
+            con.execute("UPDATE meta SET value = ? WHERE name = 'seq'", (seq,))
+        con.execute("COMMIT")
+        self.commits += 1
+        self._seq = seq
+        self._plants.update(row[2] for row in rows)
+        self._plants.subtract(removed)
+        for plant in [p for p in removed if self._plants[p] <= 0]:
+            del self._plants[plant]
+        self._rows += len(rows) - sum(removed.values())
+        self._bytes += sum(len(row[4]) + ROW_OVERHEAD for row in rows) - removed_bytes
+        if rows:
+            with self._lock:
+                self.last_id = seq
+                self._committed.notify_all()
+
+    def _remove(self, where: str, params: tuple[Any, ...], removed: Counter[str]) -> int:
+        """Delete rows matching ``where``, counting them per plant; returns their bytes."""
+        size = 0
+        for plant, n, payload_bytes in self._con.execute(
+            f"SELECT plant_id, count(*), sum(length(payload)) FROM records WHERE {where}"
+            " GROUP BY plant_id",
+            params,
+        ):
+            removed[plant] += n
+            size += payload_bytes + n * ROW_OVERHEAD
+        self._con.execute(f"DELETE FROM records WHERE {where}", params)
+        return size
+
+    def _drop_oldest(
+        self, n_new: int, new_bytes: int, removed: Counter[str], removed_bytes: int, now: float
+    ) -> tuple[AlarmEvent | None, int]:
+        """Make room for the incoming rows by deleting the oldest; raise or clear the alarm."""
+        cfg = self.config
+        rows = self._rows - sum(removed.values())
+        current_bytes = self._bytes - removed_bytes
+        need_rows = rows + n_new - cfg.max_rows
+        need_bytes = current_bytes + new_bytes - cfg.max_bytes
+        cut, freed_rows, freed_bytes = 0, 0, 0
+        while freed_rows < need_rows or freed_bytes < need_bytes:
+            chunk = self._con.execute(
+                "SELECT id, length(payload) FROM records WHERE id > ? AND kind = 'reading'"
+                " ORDER BY id LIMIT 1000",
+                (cut,),
+            ).fetchall()
+            if not chunk:
+                break
+            for row_id, length in chunk:
+                if freed_rows >= need_rows and freed_bytes >= need_bytes:
+                    break
+                cut = row_id
+                freed_rows += 1
+                freed_bytes += length + ROW_OVERHEAD
+        dropped: Counter[str] = Counter()
+        # Readings only: the alarm saying that readings are being dropped must itself survive.
+        size = self._remove("id <= ? AND kind = 'reading'", (cut,), dropped) if cut else 0
+        removed.update(dropped)
+        n_dropped = sum(dropped.values())
+        if n_dropped:
+            self.metrics.buffer_dropped.labels("overflow").inc(n_dropped)
+        low = rows - n_dropped < 0.9 * cfg.max_rows and current_bytes - size < 0.9 * cfg.max_bytes
+        if n_dropped and not self._dropping:
+            self._dropping = True
+            log.error(
+                "buffer %s is full (%d rows): dropping the oldest rows (overflow=drop_oldest)",
+                self.path,
+                rows,
+            )
+            return self._overflow_alarm("raised", n_dropped, now), size
+        if self._dropping and not n_dropped and low:
+            self._dropping = False
+            log.warning("buffer %s is below its bound again: no longer dropping rows", self.path)
+            return self._overflow_alarm("cleared", 0, now), size
+        return None, size
+
+    def _overflow_alarm(self, state: str, dropped: int, now: float) -> AlarmEvent:
+        alarm_id = f"{self.gateway_id}:buffer:overflow"
+        message = (
+            f"gateway buffer full: dropping the oldest readings ({dropped} so far)"
+            if state == "raised"
+            else "gateway buffer below its bound again: no longer dropping readings"
+        )
+        plant = self._plants.most_common(1)[0][0] if self._plants else "default"
+        return AlarmEvent(
+            alarm_id=alarm_id,
+            event_id=f"{alarm_id}:{state}:{int(now * 1000)}",
+            sensor_id=f"gateway:{self.gateway_id}",
+            plant_id=plant,
+            parameter="buffer",
+            condition="buffer_overflow",
+            level="critical" if state == "raised" else "warning",
+            state=state,
+            value=float(self._rows),
+            threshold=float(self.config.max_rows),
+            timestamp=now,
+            message=message,
+        )
+
+    def _maintain(self) -> None:
+        """Every second: checkpoint the WAL into the database, refresh the size gauges."""
+        con = self._connect()
+        try:
+            while not self._stopped.wait(1.0):
+                try:
+                    con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._refresh_gauges(con)
+                except sqlite3.Error as e:
+                    log.warning("buffer %s: checkpoint failed (%s); will retry", self.path, e)
+        finally:
+            con.close()
+
+    def _refresh_gauges(self, con: sqlite3.Connection) -> None:
+        m = self.metrics
+        plants = dict(self._plants)  # the writer changes it meanwhile: work on a copy
+        for plant in self._gauged - plants.keys():
+            m.buffer_size.labels(plant).set(0)
+        for plant, n in plants.items():
+            m.buffer_size.labels(plant).set(n)
+        self._gauged = set(plants)
+        files = (str(self.path), f"{self.path}-wal")
+        m.buffer_bytes.set(sum(os.path.getsize(p) for p in files if os.path.exists(p)))
+        oldest = con.execute("SELECT created FROM records ORDER BY id LIMIT 1").fetchone()
+        m.buffer_oldest_age.set(max(0.0, time.time() - oldest[0]) if oldest else 0.0)
+
+
+def _ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted ids as inclusive (first, last) runs: deleting a run is a fast range scan."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if runs and i <= runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], max(i, runs[-1][1]))
+        else:
+            runs.append((i, i))
+    return runs

@@ -1,0 +1,370 @@
+"""Forwarder: committed buffer rows to Kafka with an idempotent producer, deleted once confirmed.
+
+Rows are read in id order from a cursor and produced with key = sensor id; a row is deleted only
+after its own delivery report says it landed. The idempotent producer (acks=all, at most 5 requests
+in flight) keeps per-partition order through its internal retries. If a delivery still fails, we
+stop producing, wait for every report still outstanding, and restart from the first failed row,
+so a failed reading is never overtaken by a later one it was not already ahead of.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from gateway.common.kafka import KafkaConnection
+from gateway.common.metrics import Metrics
+from gateway.common.stage import Health
+from gateway.edge.buffer import Buffer, BufferClosed, Row
+
+log = logging.getLogger(__name__)
+
+HEADERS: list[tuple[str, str | bytes | None]] = [
+    ("content-type", b"application/json"),
+    ("source", b"iot-gateway"),
+]
+AUTH_ERRORS = {
+    KafkaError._AUTHENTICATION,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError._SSL,
+}
+DOWN_ERRORS = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+DOWN_GRACE_S = 10.0
+_TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(kw_only=True)
+class ForwardConfig(KafkaConnection):
+    """TOML ``[kafka]``: the connection, and how readings become Kafka records."""
+
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    linger_ms: int = 20
+    batch_size: int = 1_000_000  # bytes per partition batch
+    topic_prefix: str = "sensors.raw"  # readings go to <prefix>.<plantId>
+    alerts_topic: str = "sensors.alerts"
+    plant: str = "default"  # for readings without a plantId
+    fetch_batch: int = 5000  # rows read from the buffer at a time
+    max_in_flight: int = 50000  # rows produced, not yet confirmed: ~20 MB at most
+    stall_timeout_s: float = 30.0  # unhealthy when rows wait this long without any confirmation
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fetch_batch < 1 or self.max_in_flight < 1:
+            raise ValueError("fetch_batch and max_in_flight must be at least 1")
+
+    def producer_config(self) -> dict[str, Any]:
+        conf = self.client_conf(client_id="edge-gateway", section="kafka")
+        conf |= {
+            "enable.idempotence": True,
+            "acks": "all",
+            "max.in.flight.requests.per.connection": 5,
+            "compression.type": self.compression,
+            "linger.ms": self.linger_ms,
+            "batch.size": self.batch_size,
+            # Never give up on a message: through an outage librdkafka retries until the broker
+            # is back, in order. A finite timeout could fail a message yet deliver the next one
+            # of its partition, and resending the failed one would put it after its successor.
+            "message.timeout.ms": 0,
+            "queue.buffering.max.messages": max(2 * self.max_in_flight, 10000),
+        }
+        conf.update(self.extra)
+        return conf
+
+
+class _DebugLog:
+    """librdkafka's own log lines, demoted to DEBUG: error_cb reports what matters, once."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        self.logger.debug(msg, *args)
+
+
+class Forwarder:
+    def __init__(self, config: ForwardConfig, buffer: Buffer, metrics: Metrics) -> None:
+        self.config = config
+        self.buffer = buffer
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._producer: Producer | None = None
+        self._topics: dict[str, str] = {}  # plant id -> readings topic
+        self._observed = 0.0  # commit time of the last latency observed
+        self._cursor = 0  # highest row id produced
+        self._in_flight = 0
+        self._acked: list[int] = []
+        self._acked_topics: Counter[str] = Counter()
+        self._failed: list[int] = []
+        self._rewind_to: int | None = None
+        self._backoff = 0.5
+        self._fatal = False
+        self._problem = ""  # why Kafka is unhealthy, "" when it is fine
+        self._problem_code: int | None = None
+        self._problem_serious = False
+        self._stop_timeout = 10.0
+        self._last_delivery = time.monotonic()
+        self._busy_since = time.monotonic()  # when rows last went in flight after none were
+        self._down: tuple[int, str, float] | None = None  # a reported connection loss
+        self._last_probe = 0.0
+        self._latency = metrics.delivery_latency
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._producer = self._make_producer()
+        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop producing, wait up to ``timeout`` for outstanding confirmations, close.
+
+        Call before Buffer.stop(): confirmed rows are deleted on the way out; unconfirmed rows
+        stay buffered and are sent again on the next start.
+        """
+        self._stop_timeout = timeout
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _make_producer(self) -> Producer:
+        conf = self.config.producer_config()
+        conf["error_cb"] = self._on_error
+        conf["logger"] = _DebugLog(logging.getLogger("gateway.edge.forward.librdkafka"))
+        return Producer(conf)
+
+    def health(self) -> Health:
+        now = time.monotonic()
+        detail: dict[str, Any] = {
+            "in_flight": self._in_flight,
+            "last_delivery_age_s": round(now - self._last_delivery, 1),
+        }
+        waiting = now - max(self._last_delivery, self._busy_since)
+        if self._thread is None or not self._thread.is_alive():
+            return False, {**detail, "error": "forwarder is not running"}
+        if self._problem:
+            return False, {**detail, "error": self._problem}
+        if self._in_flight and waiting > self.config.stall_timeout_s:
+            return False, {**detail, "error": f"Kafka has confirmed nothing for {waiting:.0f} s"}
+        return True, detail
+
+    # -- forwarder thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._rewind_to is not None:
+                    self._recover()
+                    continue
+                produced = 0
+                room = self.config.max_in_flight - self._in_flight
+                if room > 0 and self.buffer.last_id > self._cursor:
+                    rows = self.buffer.fetch(min(room, self.config.fetch_batch), self._cursor)
+                    produced = self._produce(rows)
+                assert self._producer is not None
+                if produced:
+                    self._producer.poll(0)
+                elif self._in_flight:
+                    self._producer.poll(0.05)
+                else:
+                    self._producer.poll(0)
+                    self.buffer.wait_for_rows(self._cursor, 0.1)
+                self._settle()
+                self._check_down()
+        except Exception:
+            log.exception("forwarder stopped by an unexpected error")
+            raise
+        finally:
+            self._shutdown()
+
+    def _topic(self, row: Row) -> str:
+        if row.kind == "alarm":
+            return self.config.alerts_topic
+        topic = self._topics.get(row.plant_id)
+        if topic is None:
+            # A topic name allows only [A-Za-z0-9._-]; anything else would fail forever.
+            plant = _TOPIC_UNSAFE.sub("_", row.plant_id or self.config.plant)
+            topic = self._topics[row.plant_id] = f"{self.config.topic_prefix}.{plant}"[:249]
+        return topic
+
+    def _produce(self, rows: list[Row]) -> int:
+        assert self._producer is not None
+        produce = self._producer.produce
+        on_delivery = self._on_delivery
+        n = 0
+        for row in rows:
+            topic = self._topic(row)
+            callback = functools.partial(on_delivery, row.id, row.created, topic)
+            try:
+                produce(topic, row.payload, row.key, on_delivery=callback, headers=HEADERS)
+            except BufferError:  # librdkafka's queue is full: serve reports, try again later
+                self._producer.poll(0.1)
+                break
+            except KafkaException as e:  # e.g. the producer is in a fatal state
+                self._on_error(e.args[0])
+                self._rewind(row.id)
+                break
+            self._cursor = row.id
+            n += 1
+        if n and not self._in_flight:
+            self._busy_since = time.monotonic()
+        self._in_flight += n
+        return n
+
+    def _on_delivery(
+        self, row_id: int, created: float, topic: str, err: KafkaError | None, msg: Message
+    ) -> None:
+        if err is None:
+            self._acked.append(row_id)
+            self._acked_topics[topic] += 1
+            if created != self._observed:  # once per buffer transaction: its rows share it
+                self._observed = created
+                self._latency.observe(time.time() - created)
+        else:
+            self._failed.append(row_id)
+            self.metrics.kafka_delivery_failures.labels(err.name()).inc()
+            if err.fatal() or err.code() in AUTH_ERRORS | DOWN_ERRORS:
+                self._on_error(err)
+            else:
+                self._set_problem(err.code(), f"delivery to {topic} failed: {err.str()}")
+
+    def _settle(self) -> None:
+        if self._acked:
+            self.buffer.delete(self._acked)
+            self._in_flight -= len(self._acked)
+            self._acked = []
+            for topic, n in self._acked_topics.items():
+                self.metrics.kafka_delivered.labels(topic).inc(n)
+            self._acked_topics.clear()
+            self._last_delivery = time.monotonic()
+            self._backoff = 0.5
+            self._down = None
+            self._clear_problem()
+        if self._failed:
+            self._in_flight -= len(self._failed)
+            self._rewind(min(self._failed))
+            self._failed = []
+
+    def _rewind(self, row_id: int) -> None:
+        self._rewind_to = row_id if self._rewind_to is None else min(self._rewind_to, row_id)
+
+    def _recover(self) -> None:
+        """After a failed delivery: let every outstanding report arrive, then resend from the
+        first failed row (rows delivered meanwhile are deleted first, so they are not resent)."""
+        assert self._producer is not None
+        if self._fatal:  # a fatal producer delivers nothing more: fail what it holds, start anew
+            self._producer.purge()
+        while self._in_flight and not self._stop.is_set():
+            self._producer.poll(0.1)
+            self._settle()
+        if self._stop.is_set() or self._rewind_to is None:
+            return
+        if self._fatal:
+            self._producer = self._make_producer()
+            self._fatal = False
+        try:
+            self.buffer.delete([], wait=True)  # barrier: the deletes queued so far are committed
+        except TimeoutError:
+            log.warning("buffer slow to delete delivered rows: some may be sent twice")
+        self._cursor = self._rewind_to - 1
+        self._rewind_to = None
+        self._stop.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, 30.0)
+
+    def _check_down(self) -> None:
+        """Confirm a reported connection loss before calling Kafka unhealthy: brokers also close
+        idle connections. Down for DOWN_GRACE_S without a delivery or an answer = a problem."""
+        if self._down is None:
+            return
+        code, message, since = self._down
+        now = time.monotonic()
+        if now - since > DOWN_GRACE_S:
+            self._set_problem(code, message)
+        if self._in_flight or now - self._last_probe < 2.0:
+            return  # with rows in flight, a delivery report tells
+        self._last_probe = now
+        assert self._producer is not None
+        try:
+            self._producer.list_topics(timeout=2.0)
+        except KafkaException:
+            return
+        self._down = None
+        self._clear_problem()
+
+    def _shutdown(self) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        unreachable = self._problem or self._down  # then no confirmation is coming: no wait
+        deadline = time.monotonic() + (0.5 if unreachable else self._stop_timeout)
+        while self._in_flight and time.monotonic() < deadline:
+            producer.poll(0.1)
+            self._settle()
+        self._settle()
+        if self._in_flight:
+            log.warning(
+                "forwarder stopping with %d rows unconfirmed: they stay buffered", self._in_flight
+            )
+        try:
+            self.buffer.delete([], wait=True)  # barrier: the deletes queued above are committed
+        except BufferClosed:
+            log.warning("buffer stopped before the forwarder: confirmed rows will be resent")
+        producer.purge()
+        producer.flush(0)
+        self._producer = None
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _on_error(self, err: KafkaError) -> None:
+        code = err.code()
+        cfg = self.config
+        if err.fatal():
+            self._fatal = True
+            self._set_problem(code, f"Kafka producer fatal error: {err.str()}", serious=True)
+        elif code in AUTH_ERRORS:
+            self._set_problem(
+                code,
+                f"Kafka refused the gateway ({err.str()}): user {cfg.sasl_username!r} at "
+                f"{cfg.bootstrap_servers} ({cfg.security_protocol}). Readings stay buffered; fix "
+                "[kafka] sasl_username/sasl_password/ssl_ca_location, then reload the gateway "
+                "(SIGHUP: systemctl reload edge-gateway) or restart it.",
+                serious=True,
+            )
+        elif code in DOWN_ERRORS:
+            if self._down is None:
+                message = (
+                    f"cannot reach Kafka at {cfg.bootstrap_servers} ({err.str()}); "
+                    "readings stay buffered and are sent when it is back"
+                )
+                self._down = (code, message, time.monotonic())
+        else:
+            log.warning("Kafka: %s", err.str())
+
+    def _set_problem(self, code: int, message: str, *, serious: bool = False) -> None:
+        """Mark Kafka unhealthy and log it once: librdkafka repeats its errors on every reconnect,
+        and an authentication failure is followed by transport errors that only a serious
+        problem (authentication, fatal) may replace."""
+        if self._problem and (self._problem_serious or not serious):
+            return
+        log.error("%s", message)
+        self._problem = message
+        self._problem_code = code
+        self._problem_serious = serious
+
+    def _clear_problem(self) -> None:
+        if self._problem:
+            log.info("Kafka delivery works again (after: %s)", self._problem)
+            self._problem = ""
+            self._problem_code = None
+            self._problem_serious = False

@@ -1,0 +1,219 @@
+"""The sink writer: InfluxDB writes and Kafka confirmations, overlapped with the next batches.
+
+The consumer thread hands each processed batch over through a queue bounded in lines (its memory
+bound, whatever the batch sizes) and goes on with the next one. This thread writes the batches to
+InfluxDB, coalescing what is queued into requests of about ``batch_lines`` lines (small batches
+at a low rate, full ones under load), then waits for the Kafka confirmations of their messages,
+and only then reports them done, in the order they were handed over. The consumer
+commits the offsets a batch recorded once it is done; since batches complete in order, every
+batch up to it has been written too.
+
+A failing sink is retried with back-off, holding the batches; the queue then fills and the
+consumer pauses consumption. Nothing is dropped except on ``close`` while a sink is down, where
+the unwritten batches are abandoned uncommitted (the next run replays them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.common.metrics import Metrics
+from gateway.processor.aggregate import CommitPoint, PartitionWindows
+from gateway.processor.publish import Delivery, Publisher, PublishFailed
+from gateway.processor.store import InfluxStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[list[int], float], None]  # Kafka timestamps (ms) of a batch, time it was done
+
+
+@dataclass(eq=False)
+class Batch:
+    """What one consumed batch must get into the sinks before its offsets may be committed."""
+
+    lines: list[str] = field(default_factory=list)  # raw bucket: readings and alarm events
+    window_lines: list[str] = field(default_factory=list)  # 1-minute bucket
+    delivery: Delivery = field(default_factory=Delivery)
+    # (topic, partition), the PartitionWindows it was taken from, where it may commit to
+    commits: list[tuple[tuple[str, int], PartitionWindows, CommitPoint]] = field(
+        default_factory=list
+    )
+    readings: int = 0
+    produced_ms: list[int] | None = None  # for an observer (the bench): Kafka timestamps
+
+    @property
+    def empty(self) -> bool:
+        return not (self.lines or self.window_lines or self.delivery.sent or self.commits)
+
+    @property
+    def size(self) -> int:
+        """What it weighs in the queue: its lines, or its messages if it has more of those."""
+        return max(1, len(self.lines) + len(self.window_lines), self.delivery.sent)
+
+
+class SinkWriter:
+    """Owns the writer thread; ``put`` from the consumer thread, ``take_done`` for commits."""
+
+    def __init__(
+        self,
+        store: InfluxStore,
+        publisher: Publisher,
+        metrics: Metrics,
+        *,
+        max_lines: int = 20_000,
+        retry_max_seconds: float = 10.0,
+        observer: Observer | None = None,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.metrics = metrics
+        self.retry_max = retry_max_seconds
+        self.observer = observer
+        self.max_lines = max_lines
+        self._cond = threading.Condition()
+        self._queue: deque[Batch] = deque()
+        self._queued = 0  # sum of the queued batches' sizes
+        self._unfinished = 0  # batches handed over and not done yet
+        self._done: deque[Batch] = deque()
+        self._closing = threading.Event()
+        self._abandon = threading.Event()
+        self._thread: threading.Thread | None = None
+        # For /health: when a sink started failing, and why.
+        self.down_since: float | None = None
+        self.last_error = ""
+        self.crashed: BaseException | None = None
+
+    # -- consumer side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="processor-sinks", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: Batch, timeout: float) -> bool:
+        """Queue a batch; False if there was no room for it for ``timeout`` seconds."""
+        size = batch.size
+        with self._cond:
+            room = self._cond.wait_for(
+                lambda: not self._queue or self._queued + size <= self.max_lines, timeout
+            )
+            if not room:
+                return False
+            self._queue.append(batch)
+            self._queued += size
+            self._unfinished += 1
+            self._cond.notify_all()
+        return True
+
+    def take_done(self) -> list[Batch]:
+        done = []
+        while self._done:
+            done.append(self._done.popleft())
+        return done
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until every batch handed over is done; False on timeout or while a sink is down."""
+        deadline = time.monotonic() + timeout
+        while self._unfinished:
+            if self.down_since is not None or self.crashed is not None:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued (unless a sink is down), then stop the thread."""
+        self._closing.set()
+        if self.down_since is not None:
+            self._abandon.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abandon.set()
+                self._thread.join(10.0)
+
+    # -- writer thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._abandon.is_set():
+                group = self._next_group()
+                if group is None:
+                    if self._closing.is_set():
+                        return
+                    continue
+                if not self._deliver(group):
+                    return
+                now = time.time()
+                for b in group:
+                    self._done.append(b)
+                    if self.observer is not None and b.produced_ms is not None:
+                        self.observer(b.produced_ms, now)
+                with self._cond:
+                    self._unfinished -= len(group)
+        except BaseException as e:  # the consumer sees it and stops; systemd restarts us
+            self.crashed = e
+            log.exception("processor sink writer stopped on an error")
+
+    def _next_group(self) -> list[Batch] | None:
+        """The next batch, plus any queued behind it while their lines fit one request."""
+        limit = self.store.config.batch_lines
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._queue, 0.1):
+                return None
+            first = self._queue.popleft()
+            group, lines, size = [first], len(first.lines), first.size
+            while self._queue and lines + len(self._queue[0].lines) <= limit:
+                b = self._queue.popleft()
+                group.append(b)
+                lines += len(b.lines)
+                size += b.size
+            self._queued -= size
+            self._cond.notify_all()
+        return group
+
+    def _deliver(self, group: list[Batch]) -> bool:
+        """Write the group to every sink, retrying; False only when abandoned unwritten."""
+        attempt, steps = 0, set[str]()
+        while True:
+            try:
+                self._write(group, steps)
+                if self.down_since is not None:
+                    log.warning("sinks back after %.1f s", time.time() - self.down_since)
+                    self.down_since = None
+                    self.last_error = ""
+                return True
+            except (StoreUnavailable, PublishFailed) as e:
+                self.last_error = str(e)
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    log.error("sink down, consumption pauses when the queue is full: %s", e)
+                if self._abandon.wait(min(self.retry_max, 0.2 * 2 ** min(attempt, 10))):
+                    return False
+                attempt += 1
+
+    def _write(self, group: list[Batch], steps: set[str]) -> None:
+        hist = self.metrics.processing_latency
+        store = self.store
+        if "store" not in steps:
+            lines = [line for b in group for line in b.lines]
+            if lines:
+                t0 = time.perf_counter()
+                store.write(store.config.bucket, lines)
+                hist.labels(stage="store").observe(time.perf_counter() - t0)
+            steps.add("store")
+        if "windows" not in steps:
+            window_lines = [line for b in group for line in b.window_lines]
+            if window_lines:
+                store.write(store.config.bucket_1m, window_lines)
+            steps.add("windows")
+        t0 = time.perf_counter()
+        for b in group:
+            self.publisher.confirm(b.delivery, self._abandon)
+        if any(b.delivery.sent for b in group):
+            hist.labels(stage="publish").observe(time.perf_counter() - t0)
