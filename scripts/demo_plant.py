@@ -29,6 +29,12 @@ from confluent_kafka import Consumer, TopicPartition
 from influxdb_client import InfluxDBClient
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.support, shared with the tests and the bench
+
+from tests.support.net import free_port  # noqa: E402
+from tests.support.services import read_env  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
+
 EXE = [sys.executable, "-m", "gateway"]
 PROBES = [  # (profile, unit, sensor id, location) on the simulated RS-485 bus
     ("ph-int16.toml", 1, "ph-aeration-1", "aeration-1"),
@@ -36,17 +42,6 @@ PROBES = [  # (profile, unit, sensor id, location) on the simulated RS-485 bus
     ("conductivity-tds.toml", 3, "cond-effluent-1", "effluent"),
     ("sonde-float32-cdab.toml", 4, "sonde-basin-1", "basin-1"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def read_env(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {k.strip(): v.strip() for k, v in pairs}
 
 
 class Plant:
@@ -179,7 +174,7 @@ token = "env:INFLUXDB_TOKEN"
             f"pty,raw,echo=0,link={self.dir / 'tty-gateway'}",
             f"pty,raw,echo=0,link={self.dir / 'tty-probes'}",
         )  # fmt: skip
-        wait_for(lambda: (self.dir / "tty-probes").exists(), 10, "socat pty pair")
+        wait_until(lambda: (self.dir / "tty-probes").exists(), 10, "socat pty pair")
         slaves = [
             a for p, unit, _, _ in PROBES for a in ("--slave", f"{ROOT / 'drivers' / p}:{unit}")
         ]
@@ -199,7 +194,7 @@ token = "env:INFLUXDB_TOKEN"
             raise SystemExit(f"setup-influx failed:\n{setup.stdout}{setup.stderr}")
         self.spawn("processor", *EXE, "processor", "run", "--config", str(proc_cfg))
         self.spawn("gateway", *EXE, "run", "--config", str(gw_cfg))
-        wait_for(lambda: self.gateway_health() is not None, 30, "the gateway's /health")
+        wait_until(lambda: self.gateway_health() is not None, 30, "the gateway's /health")
 
     def gateway_health(self) -> dict | None:
         return http_json(self.http_port, "/health")
@@ -232,14 +227,6 @@ def http_json(port: int, path: str) -> dict | None:
         return json.loads(body) if body else None
     except ValueError:
         return None
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 class MqttDevice(threading.Thread):
@@ -397,7 +384,7 @@ def main() -> int:
     ap.add_argument("--plant", default="demo")
     ap.add_argument("--every", type=float, default=5.0, help="seconds between status lines")
     args = ap.parse_args()
-    env = read_env(ROOT / "var" / "services.env")
+    env = read_env()
     run_id = time.strftime("%Y%m%d-%H%M%S")
     run_dir = ROOT / "var" / "demo" / run_id
     run_dir.mkdir(parents=True)

@@ -18,19 +18,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.support.services import ensure_services
+
 # Timing-based health checks fail spuriously on a loaded 2-core machine; correctness checks stay.
 settings.register_profile(
     "gateway", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200
 )
 settings.load_profile("gateway")
-
-ROOT = Path(__file__).resolve().parent.parent
-SERVICES_ENV = ROOT / "var" / "services.env"
-REQUIRED = {
-    "mosquitto": ("MQTT_HOST", "MQTT_PORT", "MQTT_USERNAME", "MQTT_PASSWORD"),
-    "kafka": ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SASL_BOOTSTRAP_SERVERS"),
-    "influxdb": ("INFLUXDB_URL", "INFLUXDB_TOKEN"),
-}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,25 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
-
-
-def read_env(path: Path = SERVICES_ENV) -> dict[str, str]:
-    env: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if "=" in line and not line.lstrip().startswith("#"):
-                k, v = line.split("=", 1)
-                env[k.strip()] = v.strip()
-    return env
-
-
-def ensure_services(*names: str) -> dict[str, str]:
-    env = read_env()
-    missing = [n for n in names if not all(k in env for k in REQUIRED[n])]
-    if missing:
-        subprocess.run([str(ROOT / "scripts" / "services"), "up", *missing], check=True)
-        env = read_env()
-    return env
 
 
 @pytest.fixture(scope="session")

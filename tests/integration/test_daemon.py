@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.common.model import format_ts
-from tests.gateway_harness import (
+from tests.support.gateway_harness import (
     PROBES,
     ROOT,
     Gateway,
@@ -30,8 +30,8 @@ from tests.gateway_harness import (
     init_buffer,
     kafka_seqs,
     stop_and_settle,
-    wait_until,
 )
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -20,6 +20,7 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Reading
 from gateway.edge.buffer import Buffer, BufferConfig
 from gateway.edge.forward import ForwardConfig, Forwarder
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -58,14 +59,6 @@ def buffer(tmp_path: Path, metrics: Metrics) -> Iterator[Buffer]:
     buf.start()
     yield buf
     buf.stop()
-
-
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def consume(env: dict[str, str], topics: list[str], want: Any, timeout: float = 60) -> list[Any]:

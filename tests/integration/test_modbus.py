@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,10 +25,11 @@ from gateway.edge.acquire.modbus.engine import ModbusEngine, load_modbus_config
 from gateway.edge.acquire.modbus.profiles import load_profile
 from gateway.edge.acquire.modbus.registers import decode
 from gateway.edge.acquire.modbus.simulate import RtuSimulator, SimBus, SimSlave, TcpSimulator
+from tests.support.net import free_port
+from tests.support.services import ROOT
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 DRIVERS = ROOT / "drivers"
 SERIAL_PROBES = {1: "ph-int16.toml", 2: "sonde-float32-cdab.toml", 3: "conductivity-tds.toml"}
 SENSOR = {1: "PH-1", 2: "SONDE-2", 3: "EC-3"}
@@ -43,7 +43,13 @@ class Collector:
         self.batches: list[list[Reading]] = []
         self._cond = threading.Condition()
 
-    def __call__(self, records: list[Record], on_durable: Callable[[], None] | None = None) -> None:
+    def __call__(
+        self,
+        records: list[Record],
+        on_durable: Callable[[], object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
         with self._cond:
             self.batches.append([r for r in records if isinstance(r, Reading)])
             self._cond.notify_all()
@@ -245,12 +251,6 @@ def test_calibration_registers_are_written_through_the_port_lock(rig: Rig) -> No
     rig.sink.wait_for(_count("PH-1", len(rig.sink.of("PH-1")) + 2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_cli(*args: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "simulate", *args],
@@ -291,7 +291,7 @@ def test_cli_simulator_serves_several_slaves_on_one_port_to_pymodbus(
 
 
 def test_cli_tcp_simulator_is_polled_by_the_engine(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _start_cli(
         "--profile", "drivers/flowmeter-tcp.toml", "--unit", "7", "--tcp", f"127.0.0.1:{port}"
     )

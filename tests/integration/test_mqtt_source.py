@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,16 +18,9 @@ from gateway.common.model import Reading, Record
 from gateway.edge.acquire.mqtt.source import MqttConfig, MqttSource, Subscription
 from gateway.edge.deadletter import DeadLetterStore
 from gateway.edge.intake import Intake
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting: {what}")
-        time.sleep(0.01)
 
 
 class Sink:
@@ -99,7 +91,7 @@ class Harness:
         )
         source.start()
         self.sources.append(source)
-        wait_until(lambda: source.health()[0], "source connected and subscribed")
+        wait_until(lambda: source.health()[0], 20, "source connected and subscribed")
         return source
 
     def publisher(self) -> mqtt.Client:
@@ -156,7 +148,7 @@ def test_json_and_plain_number_payloads_become_readings(h):
             (f"{h.prefix}/num/south/bod-3/BOD", b"12.5"),
         ]
     )
-    wait_until(lambda: len(sink.values()) == 2, "both readings")
+    wait_until(lambda: len(sink.values()) == 2, 20, "both readings")
     got = sorted(
         (r.sensor_id, r.plant_id, r.parameter, r.value, r.unit, r.gateway_id) for r in sink.readings
     )
@@ -219,8 +211,8 @@ def test_a_thousand_malformed_payloads_are_dead_lettered_and_valid_ones_all_arri
                 messages.append((f"{h.prefix}/num/north/bod-{i}/BOD", str(value).encode()))
     h.publish(messages)
 
-    wait_until(lambda: len(sink.values()) == len(expected_values), "all valid readings")
-    wait_until(lambda: h.dead.count() == 1000, "every malformed payload dead-lettered")
+    wait_until(lambda: len(sink.values()) == len(expected_values), 20, "all valid readings")
+    wait_until(lambda: h.dead.count() == 1000, 20, "every malformed payload dead-lettered")
     assert sorted(v for v in sink.values() if v is not None) == sorted(expected_values)
     assert source.health()[0]
 
@@ -242,7 +234,7 @@ def test_a_thousand_malformed_payloads_are_dead_lettered_and_valid_ones_all_arri
     again = Sink()
     h.start(again)
     h.publish([(f"{h.prefix}/num/north/marker/BOD", b"1")])
-    wait_until(lambda: len(again.values()) >= 1, "the marker")
+    wait_until(lambda: len(again.values()) >= 1, 20, "the marker")
     assert [r.sensor_id for r in again.readings] == ["marker"]
 
 
@@ -253,7 +245,7 @@ def test_messages_published_while_the_source_is_stopped_arrive_after_restart(h):
     h.publish([(f"{h.prefix}/num/north/s{i}/BOD", str(i).encode()) for i in range(50)])
     sink = Sink()
     h.start(sink)
-    wait_until(lambda: len(sink.values()) == 50, "the 50 queued messages")
+    wait_until(lambda: len(sink.values()) == 50, 20, "the 50 queued messages")
     assert sorted(sink.values()) == [float(i) for i in range(50)]
 
 
@@ -262,12 +254,12 @@ def test_a_message_never_made_durable_is_redelivered_after_reconnect(h):
     first = h.start(lost)
     h.publisher()
     h.publish([(f"{h.prefix}/num/north/s{i}/BOD", str(i).encode()) for i in range(5)])
-    wait_until(lambda: len(lost.values()) == 5, "the first delivery")
+    wait_until(lambda: len(lost.values()) == 5, 20, "the first delivery")
     first.stop(drain_timeout=0)  # e.g. the gateway died before the buffer committed
 
     second = Sink()
     source = h.start(second)
-    wait_until(lambda: len(second.values()) == 5, "the redelivery")
+    wait_until(lambda: len(second.values()) == 5, 20, "the redelivery")
     assert sorted(second.values()) == [0.0, 1.0, 2.0, 3.0, 4.0]
 
     # The second delivery was durable, hence acknowledged: a third connection only gets new data.
@@ -275,7 +267,7 @@ def test_a_message_never_made_durable_is_redelivered_after_reconnect(h):
     third = Sink()
     h.start(third)
     h.publish([(f"{h.prefix}/num/north/marker/BOD", b"9")])
-    wait_until(lambda: len(third.values()) >= 1, "the marker")
+    wait_until(lambda: len(third.values()) >= 1, 20, "the marker")
     assert [r.sensor_id for r in third.readings] == ["marker"]
 
 
@@ -284,7 +276,7 @@ def test_tls_with_ca_verification(h):
     h.start(sink, h.config(tls=True))
     h.publisher()
     h.publish([(f"{h.prefix}/json/x", reading_json("ph-tls", 6.5))])
-    wait_until(lambda: len(sink.values()) == 1, "the reading over TLS")
+    wait_until(lambda: len(sink.values()) == 1, 20, "the reading over TLS")
     assert sink.readings[0].sensor_id == "ph-tls"
 
 
@@ -293,7 +285,7 @@ def test_refused_credentials_leave_the_source_unhealthy_but_running(h):
     source = MqttSource(config, Sink(), h.metrics, h.dead, "gw-1")
     source.start()
     h.sources.append(source)
-    wait_until(lambda: "refused" in source.last_error, "the broker's refusal")
+    wait_until(lambda: "refused" in source.last_error, 20, "the broker's refusal")
     assert not source.health()[0]
     assert h.sample("iot_active_connections") == 0
 
@@ -303,7 +295,7 @@ def test_a_dropped_connection_is_re_established_and_readings_keep_arriving(h):
     source = h.start(sink, h.config(reconnect_min_delay=1, reconnect_max_delay=2))
     h.publisher()
     h.publish([(f"{h.prefix}/num/north/before/BOD", b"1")])
-    wait_until(lambda: len(sink.values()) == 1, "the first reading")
+    wait_until(lambda: len(sink.values()) == 1, 20, "the first reading")
 
     # Another client taking over the session makes the broker drop the source's connection.
     kicker = mqtt.Client(
@@ -313,10 +305,10 @@ def test_a_dropped_connection_is_re_established_and_readings_keep_arriving(h):
     kicker.on_connect = lambda c, *a: c.disconnect()
     kicker.connect(h.env["MQTT_HOST"], int(h.env["MQTT_PORT"]), clean_start=False)
     kicker.loop_forever()
-    wait_until(lambda: source.last_error.startswith("connection lost"), "the drop")
+    wait_until(lambda: source.last_error.startswith("connection lost"), 20, "the drop")
 
-    wait_until(lambda: source.health()[0], "the source reconnected")
+    wait_until(lambda: source.health()[0], 20, "the source reconnected")
     h.publish([(f"{h.prefix}/num/north/after/BOD", b"2")])
-    wait_until(lambda: len(sink.values()) == 2, "the reading after reconnect")
+    wait_until(lambda: len(sink.values()) == 2, 20, "the reading after reconnect")
     assert [r.sensor_id for r in sink.readings] == ["before", "after"]
     assert h.sample("iot_active_connections") == 1

@@ -18,7 +18,14 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from processor_harness import (
+
+from gateway.common.metrics import Metrics
+from gateway.common.model import Reading
+from gateway.processor.aggregate import window_start
+from gateway.processor.provision import TASK_PREFIX
+from gateway.processor.query import LATEST_FLUX, Queries
+from gateway.processor.store import InfluxStore
+from tests.support.processor_harness import (
     ROOT,
     Processor,
     assert_windows_match_raw,
@@ -30,13 +37,6 @@ from processor_harness import (
     read_topic,
     wait_until_done,
 )
-
-from gateway.common.metrics import Metrics
-from gateway.common.model import Reading
-from gateway.processor.aggregate import window_start
-from gateway.processor.provision import TASK_PREFIX
-from gateway.processor.query import LATEST_FLUX, Queries
-from gateway.processor.store import InfluxStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message
@@ -21,23 +20,16 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import Reading
 from gateway.edge.buffer import Buffer, BufferConfig
 from gateway.edge.forward import ForwardConfig, Forwarder
+from tests.support.services import ROOT
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
 SENSORS = [f"flow-{k}" for k in range(5)]
 
 
 def kafka(action: str) -> None:
     subprocess.run([str(ROOT / "scripts" / "services"), action, "kafka"], check=True)
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def read_all(bootstrap: str, topic: str, n: int, timeout: float = 120) -> dict[str, list[float]]:

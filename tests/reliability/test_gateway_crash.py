@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from gateway.common.model import format_ts
-from tests.gateway_harness import (
+from tests.support.gateway_harness import (
     Gateway,
     GatewaySetup,
     KafkaCollector,
@@ -35,9 +35,8 @@ from tests.gateway_harness import (
     init_buffer,
     kafka_seqs,
     stop_and_settle,
-    wait_settled,
-    wait_until,
 )
+from tests.support.wait import wait_settled, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(600)]
 

@@ -7,7 +7,6 @@ Stops and restarts the shared test InfluxDB (scripts/services down/up influxdb).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -15,7 +14,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from processor_harness import (
+
+from tests.support.net import free_port
+from tests.support.processor_harness import (
     ROOT,
     Processor,
     assert_windows_match_raw,
@@ -30,12 +31,6 @@ from processor_harness import (
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(300)]
 
 OUTAGE_SECONDS = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -61,7 +56,7 @@ def test_influxdb_down_30s_mid_run_every_reading_stored_exactly_once(
     services = {**kafka_env, **influx_env}
     ensure_buckets(services)
     data = make_dataset(seed=3)
-    port = _free_port()
+    port = free_port()
     proc = Processor(data, services, services, tmp_path, http_port=port)
     proc.start()
     seen_during_outage: list[tuple[int, dict]] = []

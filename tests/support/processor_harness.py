@@ -32,8 +32,8 @@ from gateway.processor.aggregate import WindowAggregate, aggregatable, window_st
 from gateway.processor.provision import provision
 from gateway.processor.query import Queries
 from gateway.processor.store import InfluxConfig
+from tests.support.services import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SENSORS = [
     ("ph-1", "pH", "pH"),
     ("ph-2", "pH", "pH"),

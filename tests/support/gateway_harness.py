@@ -31,7 +31,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.services import ROOT
+from tests.support.wait import wait_until
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 # The three probes of the end-to-end and crash tests, all on one pty: the UV254 probe's BOD reads
 # 150 mg/L, above the default critical limit (100), so it raises an alarm.
@@ -40,41 +42,6 @@ PROBES = [
     ("drivers/uv254-optical.toml", 2, "uv-1", "BOD"),
     ("drivers/conductivity-tds.toml", 3, "cond-1", "TDS"),
 ]
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-    """Poll ``cond`` until it returns something truthy (returned); AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = cond()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
-
-
-def wait_settled(
-    value: Callable[[], Any],
-    done: Callable[[], bool],
-    timeout: float,
-    what: str,
-    quiet: float = 15.0,
-) -> None:
-    """Poll until ``done()``, or until ``value()`` has not changed for ``quiet`` seconds (nothing
-    more is coming: the caller's assertions then say what is missing). Fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last, since = value(), time.monotonic()
-    while not done():
-        now = time.monotonic()
-        if now > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        current = value()
-        if current != last:
-            last, since = current, now
-        elif now - since > quiet:
-            return
-        time.sleep(0.2)
 
 
 def run_id() -> str:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.common.config import ConfigError
 from gateway.edge.acquire.modbus.engine import load_modbus_config, resolve_buses
+from tests.support.services import ROOT
 
-DRIVERS = Path(__file__).resolve().parents[2] / "drivers"
+DRIVERS = ROOT / "drivers"
 SOURCE = DRIVERS / "gateway.toml"  # profile paths are relative to the config file's folder
 
 

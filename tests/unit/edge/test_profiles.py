@@ -15,8 +15,9 @@ from gateway.common.model import PARAMETERS, Quality
 from gateway.edge.acquire.modbus.profiles import Profile, load_profile
 from gateway.edge.acquire.modbus.registers import decode_profile, plan_reads
 from gateway.edge.acquire.modbus.simulate import SimSlave
+from tests.support.services import ROOT
 
-DRIVERS = Path(__file__).resolve().parents[2] / "drivers"
+DRIVERS = ROOT / "drivers"
 PROFILES = sorted(DRIVERS.glob("*.toml"))
 
 
