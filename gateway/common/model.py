@@ -1,7 +1,8 @@
 """The records that flow through both services: readings and alarm events.
 
-The JSON shape on the wire is the design's Reading contract (camelCase keys, RFC 3339 UTC
-timestamps); these dataclasses are the in-process form. Keep the two in step here and nowhere else.
+The JSON shape on the wire is the Reading contract every consumer of the Kafka topics relies on
+(camelCase keys, RFC 3339 UTC timestamps); these dataclasses are the in-process form. Keep the two
+in step here and nowhere else.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Validation and quality: flag every reading good / uncertain / bad with its reasons.
 
-Checks run in the order DOMAIN.md gives: no usable value (None, NaN, Inf), physical range (bad),
+Checks run in this order: no usable value (None, NaN, Inf), physical range (bad),
 the site's normal band (uncertain), spike as rate of change (uncertain), flatline (N equal readings
 uncertain, M bad), staleness (uncertain). Transport, decode and status-bit reasons the source set
 are kept. Readings are flagged, never dropped. Shared by the gateway and the central processor.

@@ -1,3 +1,4 @@
-"""The central processor (edge-processor.service), stage by stage: consume raw readings, aggregate
-them into 1-minute windows, store them in InfluxDB, set InfluxDB up, query it back, and the
-service that wires these together."""
+"""edge-processor.service, stage by stage: consume raw readings (consume, codec), aggregate them
+into 1-minute windows (aggregate), publish validated copies and alerts (publish), store in
+InfluxDB (store, through the writer thread in writer), set InfluxDB up (provision), read it back
+(query); settings and service wire them."""

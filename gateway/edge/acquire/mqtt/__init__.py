@@ -1,0 +1,1 @@
+"""MQTT: pure payload parsing (payload) apart from the paho client (source)."""
