@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 GATEWAY_SECTIONS = frozenset(
     {"gateway", "modbus", "mqtt", "calibration", "deadletter", "buffer", "kafka", "http"}
 )
-PROCESSOR_SECTIONS = frozenset({"processor", "influxdb"})
+PROCESSOR_SECTIONS = frozenset({"processor", "influxdb", "ml"})
 SHARED_SECTIONS = frozenset({"validation", "alarms"})
 
 

@@ -104,3 +104,18 @@ class Metrics:
             ["plant_id"],
             registry=r,
         )
+        self.predictions = Counter(
+            "iot_predictions_total",
+            "Reusability predictions made, by the model that made them",
+            ["plant_id", "model"],
+            registry=r,
+        )
+        self.ml_api_failures = Counter(
+            "iot_ml_api_failures_total",
+            "Calls to the ML API that failed (the built-in estimator answered)",
+            ["reason"],
+            registry=r,
+        )
+        self.ml_breaker_open = Gauge(
+            "iot_ml_breaker_open", "1 while the ML API's circuit breaker is open", registry=r
+        )

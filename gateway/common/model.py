@@ -147,6 +147,43 @@ class AlarmEvent:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
 
 
+@dataclass(slots=True)
+class Prediction:
+    """A reusability prediction for one plant, made from its current window's readings.
+
+    ``model`` names what made it: ``ml-api`` (the configured ML API) or ``builtin`` (the built-in
+    estimator). ``timestamp`` is the newest input reading's time, so a prediction lines up with the
+    readings it came from; ``inputs`` are the ML contract's seven values as sent, ``defaulted`` the
+    ones that had no reading and took the design's default.
+    """
+
+    plant_id: str
+    timestamp: float
+    window_start: int
+    model: str
+    prediction: str
+    confidence: float
+    inputs: dict[str, float]
+    defaulted: list[str] = field(default_factory=list)
+    effluent: dict[str, float] | None = None  # the estimated effluent, when the model says
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "type": "prediction",
+            "plantId": self.plant_id,
+            "timestamp": format_ts(self.timestamp),
+            "windowStart": self.window_start,
+            "model": self.model,
+            "prediction": self.prediction,
+            "confidence": self.confidence,
+            "inputs": dict(self.inputs),
+            "defaulted": list(self.defaulted),
+        }
+        if self.effluent is not None:
+            d["effluent"] = dict(self.effluent)
+        return d
+
+
 Record = Reading | AlarmEvent
 
 

@@ -1,8 +1,9 @@
 """``edge-gateway processor run``: wires the processor's stages and owns their lifetimes.
 
 The consumer thread validates, alarms, aggregates and hands batches to the sinks (InfluxDB, the
-published topics); the HTTP server answers /metrics and /health. SIGTERM or SIGINT stops it; a
-consumer that dies ends the process non-zero, so systemd restarts it.
+published topics) and tells the listeners (the predictor) what each batch produced; the HTTP
+server answers /metrics and /health. SIGTERM or SIGINT stops it; a consumer that dies ends the
+process non-zero, so systemd restarts it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from gateway.common.model import now_ts
 from gateway.common.stage import Health
 from gateway.common.validate import Validator
 from gateway.processor.consume import RawConsumer
+from gateway.processor.events import Listener
+from gateway.processor.predict import PredictionCallback, Predictor
 from gateway.processor.settings import ProcessorSettings, load_processor_config
 from gateway.processor.store import InfluxStore
 
@@ -30,14 +34,36 @@ log = logging.getLogger(__name__)
 
 
 class ProcessorService:
-    """Owns the consumer thread, the InfluxDB client and the HTTP endpoint."""
+    """Owns the consumer thread, the predictor, the InfluxDB client and the HTTP endpoint.
 
-    def __init__(self, settings: ProcessorSettings, metrics: Metrics | None = None) -> None:
+    ``on_prediction`` callbacks (e.g. the live feed's publish) are told each prediction as
+    ``(plant_id, message)`` on the predictor's thread; they must only hand off.
+    """
+
+    def __init__(
+        self,
+        settings: ProcessorSettings,
+        metrics: Metrics | None = None,
+        on_prediction: Sequence[PredictionCallback] = (),
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(CollectorRegistry())
         cfg = settings.processor
         self._kafka_conf = cfg.kafka_conf()
         self.store = InfluxStore(settings.influxdb, self.metrics, source=settings.source)
+        listeners: list[Listener] = []
+        self.predictor: Predictor | None = None
+        if settings.ml.enabled:
+            self.predictor = Predictor(
+                settings.ml,
+                kafka_conf=self._kafka_conf,
+                topic=cfg.predictions_topic,
+                influx=settings.influxdb,
+                metrics=self.metrics,
+                source=settings.source,
+                callbacks=on_prediction,
+            )
+            listeners.append(self.predictor)
         self.consumer = RawConsumer(
             cfg,
             self._kafka_conf,
@@ -45,6 +71,7 @@ class ProcessorService:
             AlarmEngine(settings.alarms),
             self.store,
             self.metrics,
+            listeners=listeners,
         )
         self._admin = AdminClient(self._kafka_conf)
         self.http: HttpServer | None = None
@@ -53,14 +80,20 @@ class ProcessorService:
             self.http = HttpServer(HttpConfig(host=cfg.http_host, port=cfg.http_port), self.metrics)
             self.http.add_check("kafka", self.check_kafka)
             self.http.add_check("influxdb", self.check_influxdb)
+            if self.predictor is not None:
+                self.http.add_check("predictions", self.predictor.health)
 
     def start(self) -> None:
+        if self.predictor is not None:
+            self.predictor.start()
         self.consumer.start()
         if self.http is not None:
             self.http.start()
 
     def stop(self) -> None:
         self.consumer.stop()
+        if self.predictor is not None:
+            self.predictor.stop()
         if self.http is not None:
             self.http.stop()
         self.store.close()

@@ -1,20 +1,24 @@
 """The processor's configuration: its sections of the shared config file.
 
-TOML sections: ``[processor]`` (Kafka and the consumer group), ``[influxdb]`` and, shared with the
-gateway, ``[validation]`` and ``[alarms]``. Other sections (the gateway's) are ignored here.
+TOML sections: ``[processor]`` (Kafka and the consumer group), ``[influxdb]``, ``[ml]`` (the
+predictions) and, shared with the gateway, ``[validation]`` and ``[alarms]``. Other sections (the
+gateway's) are ignored here. The environment's ``ML_API_URL``, when set, overrides ``ml.api_url``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.common.alarms import AlarmConfig
-from gateway.common.config import build, check_sections, load_toml
+from gateway.common.config import ConfigError, build, check_sections, load_toml
 from gateway.common.kafka import KafkaConnection
 from gateway.common.validate import ValidationConfig
+from gateway.processor.predict import MlConfig
 from gateway.processor.store import InfluxConfig
 
 
@@ -27,6 +31,7 @@ class ProcessorConfig(KafkaConnection):
     validated_topic: str = "sensors.validated"
     alerts_topic: str = "sensors.alerts"
     aggregated_topic: str = "sensors.aggregated"
+    predictions_topic: str = "sensors.predictions"
     dead_letter_topic: str = "sensors.deadletter"
     batch_size: int = 5000  # at most this many messages per batch
     batch_timeout: float = 0.5  # seconds to wait for a first message (then housekeeping runs)
@@ -74,6 +79,7 @@ class ProcessorSettings:
     validation: ValidationConfig
     alarms: AlarmConfig
     source: str = "config"
+    ml: MlConfig = field(default_factory=MlConfig)
 
 
 def load_processor_config(path: str | Path) -> ProcessorSettings:
@@ -93,4 +99,24 @@ def load_processor_config(path: str | Path) -> ProcessorSettings:
         validation=section(ValidationConfig, "validation"),
         alarms=section(AlarmConfig, "alarms"),
         source=src,
+        ml=load_ml_section(data, src),
     )
+
+
+def load_ml_section(data: dict[str, Any], source: str) -> MlConfig:
+    """``[ml]`` with the environment's ``ML_API_URL`` (when set) in place of ``api_url``."""
+    ml = build(MlConfig, data.get("ml", {}), source=source, prefix="ml")
+    url = os.environ.get("ML_API_URL")
+    if url is None:
+        return ml
+    try:
+        return dataclasses.replace(ml, api_url=url.strip())
+    except ValueError as e:
+        raise ConfigError(source, "ML_API_URL (environment)", str(e)) from None
+
+
+def load_ml_config(path: str | Path) -> MlConfig:
+    """Only ``[ml]`` of a config file (``edge-gateway ml serve``)."""
+    data = load_toml(path)
+    check_sections(data, path)
+    return load_ml_section(data, str(path))

@@ -11,7 +11,9 @@ processor shares with Kafka and InfluxDB.
 Schema (the design's): measurement ``water_quality``, tags sensor_id, parameter, plant_id,
 location, fields value (float), quality, unit (+ ``reasons`` when there are any); measurement
 ``alerts`` in the same bucket; windows in bucket ``sensors_1m`` as measurement ``water_quality``
-tagged plant_id, parameter and ``source`` (the Kafka partition whose readings the partial covers).
+tagged plant_id, parameter and ``source`` (the Kafka partition whose readings the partial covers);
+measurement ``predictions`` in the raw bucket, tagged plant_id and model, fields prediction,
+confidence and the inputs it was made from.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from influxdb_client.service.write_service import WriteService
 
 from gateway.common.config import secret
 from gateway.common.metrics import Metrics
-from gateway.common.model import AlarmEvent, Reading
+from gateway.common.model import AlarmEvent, Prediction, Reading
 from gateway.processor.aggregate import WindowAggregate
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,23 @@ def window_line(w: WindowAggregate) -> str:
         f"latest_sensor={_str_field(w.latest_sensor)},unit={_str_field(w.unit)}"
     )
     return f"{MEASUREMENT}{tags} {fields} {w.start * 1000}"
+
+
+def prediction_line(p: Prediction) -> str:
+    """One prediction, timestamped at its newest input reading (milliseconds): the inputs as
+    ``<name>=<value>`` fields, ``effluent_<parameter>`` where the model gave its estimate, and
+    ``defaulted`` naming the inputs that took the design's default."""
+    tags = _tags((("model", p.model), ("plant_id", p.plant_id)))
+    fields = [
+        f"prediction={_str_field(p.prediction)}",
+        f"confidence={_float(p.confidence)}",
+        f"window_start={p.window_start}i",
+        *(f"{_tag(k)}={_float(v)}" for k, v in sorted(p.inputs.items())),
+        *(f"effluent_{_tag(k)}={_float(v)}" for k, v in sorted((p.effluent or {}).items())),
+    ]
+    if p.defaulted:
+        fields.append(f"defaulted={_str_field(','.join(p.defaulted))}")
+    return f"{PREDICTIONS_MEASUREMENT}{tags} {','.join(fields)} {ms(p.timestamp)}"
 
 
 # --- writer -------------------------------------------------------------------------------------
