@@ -191,12 +191,15 @@ class Processor:
     influx: dict[str, str]
     workdir: Path
     http_port: int = 0
+    extra_config: str = ""  # more TOML, appended to the generated file
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the processes
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def topics(self) -> dict[str, str]:
         r = self.data.run
-        return {k: f"t{r}.{k}" for k in ("validated", "alerts", "aggregated", "deadletter")}
+        names = ("validated", "alerts", "aggregated", "deadletter", "predictions")
+        return {k: f"t{r}.{k}" for k in names}
 
     def write_config(self) -> Path:
         t = self.topics
@@ -211,6 +214,7 @@ validated_topic = "{t["validated"]}"
 alerts_topic = "{t["alerts"]}"
 aggregated_topic = "{t["aggregated"]}"
 dead_letter_topic = "{t["deadletter"]}"
+predictions_topic = "{t["predictions"]}"
 grace_seconds = 10
 idle_flush_seconds = 6
 session_timeout_ms = 6000
@@ -222,7 +226,7 @@ http_port = {self.http_port}
 url = "{self.influx["INFLUXDB_URL"]}"
 org = "{self.influx.get("INFLUXDB_ORG", "plant-ops")}"
 token = "env:INFLUXDB_TOKEN"
-"""
+{self.extra_config}"""
         )
         return path
 
@@ -232,7 +236,7 @@ token = "env:INFLUXDB_TOKEN"
             self.write_config()
         n = len(self.procs)
         log = (self.workdir / f"processor-{n}.log").open("wb")
-        env = {**os.environ, "INFLUXDB_TOKEN": self.influx["INFLUXDB_TOKEN"]}
+        env = {**os.environ, "INFLUXDB_TOKEN": self.influx["INFLUXDB_TOKEN"], **self.env}
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "processor", "run", "--config", str(config)],
             cwd=ROOT,
