@@ -191,6 +191,7 @@ class Predictor:
         self._sink = ThreadPoolExecutor(1, thread_name_prefix="predict-sink")
         self._sink_pending = 0
         self._sink_lock = threading.Lock()
+        self._sink_down = False  # a sink is failing right now: stopping does not wait for it
         self._store: InfluxStore | None = None
         self._publisher: Publisher | None = None
         self._warn = RateLimitedLog(log, 60.0)
@@ -215,8 +216,14 @@ class Predictor:
         self._started.wait(10)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Finish the calls under way and what the sinks hold (giving up after ``timeout``)."""
+        """Finish the calls under way and what the sinks hold, giving up after ``timeout``, or at
+        once while a sink is down: predictions not written by then are lost (derived data: the
+        next run makes new ones from new readings)."""
+        if self._closing.is_set():
+            return
         self._closing.set()
+        if self._sink_down:
+            self._abandon.set()
         self._nudge()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -370,8 +377,12 @@ class Predictor:
         while True:
             try:
                 attempt()
+                self._sink_down = False
                 return
             except (StoreUnavailable, PublishFailed) as e:
+                self._sink_down = True
+                if self._closing.is_set():
+                    self._abandon.set()
                 self.last_error = f"{sink}: {e}"[:300]
                 self._warn.warning(sink, "prediction not written to %s yet: %s", sink, e)
                 n += 1

@@ -25,6 +25,7 @@ from gateway.processor.estimator import EstimatorConfig, estimate
 from gateway.processor.mlapi import BreakerState
 from gateway.processor.predict import BUILTIN, ML_API, MlConfig, Predictor
 from tests.support.ml_harness import MlServer, stored_predictions
+from tests.support.net import free_port
 from tests.support.processor_harness import (
     Dataset,
     Processor,
@@ -51,7 +52,7 @@ def ml_server(tmp_path) -> Iterator[MlServer]:
 class Run:
     """A Predictor in this process with its own plants and topic, and what it told its callback."""
 
-    def __init__(self, servers: dict[str, str], **ml: Any) -> None:
+    def __init__(self, servers: dict[str, str], influx_url: str = "", **ml: Any) -> None:
         self.servers = servers
         self.id = uuid.uuid4().hex[:8]
         self.topic = f"t{self.id}.predictions"
@@ -62,7 +63,9 @@ class Run:
             MlConfig(**ml),
             kafka_conf={"bootstrap.servers": servers["KAFKA_BOOTSTRAP_SERVERS"]},
             topic=self.topic,
-            influx=influx_config(servers),
+            influx=influx_config(
+                {**servers, "INFLUXDB_URL": influx_url or servers["INFLUXDB_URL"]}
+            ),
             metrics=self.metrics,
             callbacks=[lambda plant, message: self.got.append((time.monotonic(), message))],
         )
@@ -234,6 +237,20 @@ def test_the_circuit_opens_while_the_api_is_down_and_closes_when_it_is_back(
     assert breaker.state is BreakerState.CLOSED
     models = {r["plant_id"]: r["model"] for r in run.stored(client, cfg, "up", "back")}
     assert models == {run.plant("up"): ML_API, run.plant("back"): ML_API}
+
+
+def test_stopping_does_not_wait_for_an_unreachable_influxdb(servers, runs):
+    run = runs(influx_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert run.predict("a")["model"] == BUILTIN  # the live feed still hears of it
+    wait_until(
+        lambda: run.predictor.health()[1].get("last_error", "").startswith("InfluxDB"),
+        20,
+        "the failing write in /health",
+    )
+    t0 = time.monotonic()
+    run.predictor.stop()
+    assert time.monotonic() - t0 < 7  # Kafka's producer flush aside, no retrying on
+    assert run.predictor.health()[0] is False  # stopped
 
 
 def test_raw_readings_on_kafka_become_predictions_in_influxdb_and_on_the_topic(
