@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,11 +28,21 @@ from influxdb_client import BucketRetentionRules, InfluxDBClient
 
 from gateway.common.alarms import make_id
 from gateway.common.metrics import Metrics
-from gateway.common.model import AlarmEvent, Quality, Reading
+from gateway.common.model import AlarmEvent, Prediction, Quality, Reading
 from gateway.processor.aggregate import WindowAggregate, merge
-from gateway.processor.store import PREDICTIONS_MEASUREMENT, InfluxConfig, InfluxStore
+from gateway.processor.store import InfluxConfig, InfluxStore, prediction_line
+from tests.support.services import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+INPUTS = {
+    "pH": 7.1,
+    "BOD": 180.0,
+    "COD": 400.0,
+    "TSS": 200.0,
+    "TDS": 900.0,
+    "flow_rate": 150.0,
+    "temperature": 25.0,
+}
+
 GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "plant.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "influxdb.yaml"
@@ -223,7 +232,7 @@ class Fixture:
     base: int  # the minute (epoch seconds) the data is laid out before
     partials: list[WindowAggregate] = field(default_factory=list)
     events: list[AlarmEvent] = field(default_factory=list)
-    predictions: list[tuple[str, float, float, float]] = field(default_factory=list)
+    predictions: list[tuple[str, str, float, float]] = field(default_factory=list)
 
     def run(self, flux: str) -> list[dict[str, Any]]:
         tables = self.client.query_api().query(flux, org=self.cfg.org)
@@ -362,12 +371,11 @@ def fx(influx_env) -> Iterator[Fixture]:
             f = Fixture(client, cfg, f"grafana-{run}", now, base)
             f.partials = _partials(f.plant, base)
             f.events = _events(f.plant, base)
-            # The predictions schema of DESIGN.md: tags plant_id, model; fields prediction,
-            # confidence (the prediction stage is being built; this is what it is to write).
+            # Written by the prediction stage's own line format (store.prediction_line).
             f.predictions = [
-                ("builtin", 0.61, 0.70, base - 180.0),
-                ("ml-api", 0.80, 0.92, base - 120.0),
-                ("builtin", 0.72, 0.75, base - 60.0),  # newest of its model
+                ("builtin", "discharge only", 0.70, base - 180.0),
+                ("ml-api", "class A", 0.92, base - 120.0),
+                ("builtin", "class A", 0.75, base - 60.0),  # newest of its model
             ]
             store = InfluxStore(cfg, Metrics())
             try:
@@ -377,8 +385,9 @@ def fx(influx_env) -> Iterator[Fixture]:
                 store.write(
                     cfg.bucket,
                     [
-                        f"{PREDICTIONS_MEASUREMENT},model={model},plant_id={f.plant} "
-                        f"confidence={conf},prediction={pred} {round(ts * 1000)}"
+                        prediction_line(
+                            Prediction(f.plant, ts, int(ts) // 60 * 60, model, pred, conf, INPUTS)
+                        )
                         for model, pred, conf, ts in f.predictions
                     ],
                 )
@@ -544,4 +553,7 @@ def test_last_prediction_per_model(fx):
     d = load_dashboard()
     rows = fx.grafana_query(_target(_panel(d, "Last prediction"), "A"), fx.variables(d))
     got = [(r["model"], r["prediction"], r["confidence"], r["_time"].timestamp()) for r in rows]
-    assert got == [("builtin", 0.72, 0.75, fx.base - 60.0), ("ml-api", 0.80, 0.92, fx.base - 120.0)]
+    assert got == [
+        ("builtin", "class A", 0.75, fx.base - 60.0),
+        ("ml-api", "class A", 0.92, fx.base - 120.0),
+    ]
