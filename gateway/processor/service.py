@@ -1,8 +1,10 @@
 """``edge-gateway processor run``: wires the processor's stages and owns their lifetimes.
 
 The consumer thread validates, alarms, aggregates and hands batches to the sinks (InfluxDB, the
-published topics); the HTTP server answers /metrics and /health. SIGTERM or SIGINT stops it; a
-consumer that dies ends the process non-zero, so systemd restarts it.
+published topics) and tells the listeners (the live feed) what each batch produced; the HTTP
+server answers /metrics and /health and serves the live feed, its API and the dashboard page.
+SIGTERM or SIGINT stops it; a consumer that dies ends the process non-zero, so systemd restarts
+it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +20,17 @@ from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
 from gateway.common.alarms import AlarmEngine
+from gateway.common.config import secret
 from gateway.common.http import HttpConfig, HttpServer
 from gateway.common.metrics import Metrics
 from gateway.common.model import now_ts
 from gateway.common.stage import Health
 from gateway.common.validate import Validator
+from gateway.processor.aggregate import WindowAggregate
 from gateway.processor.consume import RawConsumer
+from gateway.processor.events import Listener
+from gateway.processor.live import LiveHub
+from gateway.processor.query import Queries
 from gateway.processor.settings import ProcessorSettings, load_processor_config
 from gateway.processor.store import InfluxStore
 
@@ -30,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class ProcessorService:
-    """Owns the consumer thread, the InfluxDB client and the HTTP endpoint."""
+    """Owns the consumer thread, the InfluxDB clients, the HTTP endpoint and the live feed."""
 
     def __init__(self, settings: ProcessorSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -38,6 +46,23 @@ class ProcessorService:
         cfg = settings.processor
         self._kafka_conf = cfg.kafka_conf()
         self.store = InfluxStore(settings.influxdb, self.metrics, source=settings.source)
+        self.http: HttpServer | None = None
+        self.live: LiveHub | None = None
+        self._queries: Queries | None = None
+        listeners: list[Listener] = []
+        if cfg.http_port:
+            # No ingest here: /metrics, /health, the live feed and the dashboard.
+            self.http = HttpServer(HttpConfig(host=cfg.http_host, port=cfg.http_port), self.metrics)
+            self.http.add_check("kafka", self.check_kafka)
+            self.http.add_check("influxdb", self.check_influxdb)
+            token = secret(cfg.http_token, source=settings.source, key="processor.http_token")
+            influx = settings.influxdb
+            self._queries = Queries(influx.client(settings.source), influx)
+            self.live = LiveHub(
+                settings.alarms, self.metrics, token=token.encode(), stored_history=self._windows
+            )
+            self.live.attach(self.http)
+            listeners.append(self.live)
         self.consumer = RawConsumer(
             cfg,
             self._kafka_conf,
@@ -45,25 +70,29 @@ class ProcessorService:
             AlarmEngine(settings.alarms),
             self.store,
             self.metrics,
+            listeners=listeners,
         )
         self._admin = AdminClient(self._kafka_conf)
-        self.http: HttpServer | None = None
-        if cfg.http_port:
-            # No buffer given: the processor serves /metrics and /health only, no ingest.
-            self.http = HttpServer(HttpConfig(host=cfg.http_host, port=cfg.http_port), self.metrics)
-            self.http.add_check("kafka", self.check_kafka)
-            self.http.add_check("influxdb", self.check_influxdb)
 
     def start(self) -> None:
-        self.consumer.start()
-        if self.http is not None:
+        if self.http is not None:  # first, so the live feed sees the first batch
             self.http.start()
+        self.consumer.start()
 
     def stop(self) -> None:
         self.consumer.stop()
         if self.http is not None:
             self.http.stop()
+        if self._queries is not None:
+            self._queries.client.close()
         self.store.close()
+
+    def _windows(self, plant: str, start: float, stop: float) -> list[WindowAggregate]:
+        """The dashboard's history: stored 1-minute windows, every instance's partials merged."""
+        assert self._queries is not None
+        return self._queries.windows(
+            plant, datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(stop, UTC)
+        )
 
     # -- health --------------------------------------------------------------------------------
 
