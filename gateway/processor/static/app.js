@@ -133,7 +133,7 @@
       if (this.last) {
         const w = this.last;
         this.agg.replaceChildren(
-          `${hhmm(w.windowStart)} minute: avg `, el("b", "", fmt(w.avg)), ` · ${fmt(w.min)}–${fmt(w.max)}`,
+          `Minute ${hhmm(w.windowStart)}: avg `, el("b", "", fmt(w.avg)), `, range ${fmt(w.min)}–${fmt(w.max)}`,
         );
         this.agg.title = `1-minute window from ${clock(w.windowStart)}: ${w.count} readings`;
         if (!r) this.unit.textContent = w.unit || "";
