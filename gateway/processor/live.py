@@ -37,7 +37,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -64,6 +64,7 @@ SEND_BUFFER = 64 * 1024  # kernel send buffer per client, so a stalled one is no
 MAX_INBOX = 10_000  # hand-offs waiting for the loop; beyond, the loop is stuck: drop
 MAX_SENSORS = 100_000  # remembered (plant, sensor, parameter) series
 MAX_SERIES = 20_000  # remembered (plant, parameter) window series
+MAX_SEEN = 100_000  # alarm event ids remembered to recognise one heard twice
 ACTIVE = ("raised", "re-raised")
 GONE = ("cleared", "shelved", "out_of_service")
 
@@ -162,6 +163,7 @@ class LiveHub:
         # loop thread only
         self._plants: dict[str, _Plant] = {}
         self._alarms: dict[str, dict[str, Any]] = {}  # alarm id -> its newest event, if active
+        self._seen: OrderedDict[str, None] = OrderedDict()  # recent event ids, oldest first
         self._clients: set[_Client] = set()
         self._outbox: dict[_Client, list[str]] = {}  # this turn's messages, sent by _flush
         self._status_task: asyncio.Task[None] | None = None
@@ -188,6 +190,11 @@ class LiveHub:
                 newest[key] = r
         if newest or alerts or windows:
             self._hand_off(("batch", list(newest.values()), list(alerts), list(windows)))
+
+    def on_followed(self, alerts: list[AlarmEvent], windows: list[WindowAggregate]) -> None:
+        """Alarm events and windows every instance published (``follow``): what this instance's
+        own consumer already told is recognised and not sent again."""
+        self._hand_off(("batch", [], alerts, windows))
 
     def publish(self, plant_id: str, message: Mapping[str, Any]) -> None:
         """Push ``message`` to the plant's subscribers, from any thread, without blocking.
@@ -261,6 +268,11 @@ class LiveHub:
             elif r.timestamp >= gw.last_reading:
                 gw.last_reading, gw.last_arrival = r.timestamp, now
         for e in alerts:
+            if e.event_id in self._seen:
+                continue  # a replay, or heard from both our consumer and the topic
+            self._seen[e.event_id] = None
+            if len(self._seen) > MAX_SEEN:
+                self._seen.popitem(last=False)
             self._remember_alarm(e)
             self._broadcast(e.plant_id, {"type": "alert", **e.to_dict()})
         for w in windows:
@@ -283,7 +295,15 @@ class LiveHub:
             if sum(len(p.windows) for p in self._plants.values()) >= MAX_SERIES:
                 return None
             series = plant.windows[w.parameter] = {}
-        series.setdefault(w.start, {})[w.source] = w  # a replayed partial replaces itself
+        partials = series.setdefault(w.start, {})
+        old = partials.get(w.source)
+        if old is not None and (old.count, old.sum, old.latest_time) == (
+            w.count,
+            w.sum,
+            w.latest_time,
+        ):
+            return None  # known already: a replay, or heard from both our consumer and the topic
+        partials[w.source] = w  # a replayed partial replaces itself
         newest = max(series)
         for start in [s for s in series if s <= newest - HISTORY_SECONDS]:
             del series[start]

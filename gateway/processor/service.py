@@ -29,6 +29,7 @@ from gateway.common.validate import Validator
 from gateway.processor.aggregate import WindowAggregate
 from gateway.processor.consume import RawConsumer
 from gateway.processor.events import Listener
+from gateway.processor.follow import TopicFollower
 from gateway.processor.live import LiveHub
 from gateway.processor.query import Queries
 from gateway.processor.settings import ProcessorSettings, load_processor_config
@@ -48,6 +49,7 @@ class ProcessorService:
         self.store = InfluxStore(settings.influxdb, self.metrics, source=settings.source)
         self.http: HttpServer | None = None
         self.live: LiveHub | None = None
+        self.follower: TopicFollower | None = None
         self._queries: Queries | None = None
         listeners: list[Listener] = []
         if cfg.http_port:
@@ -63,6 +65,15 @@ class ProcessorService:
             )
             self.live.attach(self.http)
             listeners.append(self.live)
+            if cfg.live_follow:  # every plant in the feed, whichever instance owns its sensors
+                self.follower = TopicFollower(
+                    self._kafka_conf,
+                    alerts_topic=cfg.alerts_topic,
+                    aggregated_topic=cfg.aggregated_topic,
+                    group_prefix=cfg.group_id,
+                    hub=self.live,
+                    metadata_refresh_ms=cfg.metadata_refresh_ms,
+                )
         self.consumer = RawConsumer(
             cfg,
             self._kafka_conf,
@@ -77,10 +88,14 @@ class ProcessorService:
     def start(self) -> None:
         if self.http is not None:  # first, so the live feed sees the first batch
             self.http.start()
+        if self.follower is not None:
+            self.follower.start()
         self.consumer.start()
 
     def stop(self) -> None:
         self.consumer.stop()
+        if self.follower is not None:
+            self.follower.stop()
         if self.http is not None:
             self.http.stop()
         if self._queries is not None:

@@ -23,7 +23,9 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import Reading
 from gateway.processor.aggregate import WindowAggregate, window_start
 from gateway.processor.live import LiveHub
+from tests.support.net import free_port
 from tests.support.processor_harness import Processor, RawProducer, live_processor
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -81,6 +83,8 @@ def test_snapshot_then_alerts_windows_status_and_predictions_for_the_plant_asked
             async with session.ws_connect(url, headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
                 snap = await _next(ws, "snapshot")
                 assert snap["plants"] == ["north"]
+                gauge = server.metrics.registry.get_sample_value("iot_active_connections")
+                assert gauge == 1
                 assert sorted(a["condition"] for a in snap["alarms"]) == ["H", "HH"]
                 assert [(a["parameter"], a["windowStart"]) for a in snap["aggregates"]] == [
                     ("BOD", start)
@@ -108,7 +112,8 @@ def test_snapshot_then_alerts_windows_status_and_predictions_for_the_plant_asked
                 assert (await _next(ws, "prediction"))["prediction"] == "discharge"
 
     asyncio.run(scenario())
-    assert server.metrics.registry.get_sample_value("iot_active_connections") == 0
+    clients = server.metrics.registry.get_sample_value
+    wait_until(lambda: clients("iot_active_connections") == 0, 5, "the server to see the close")
 
 
 def test_the_feed_and_its_api_need_the_token_but_the_page_does_not(hub):
@@ -258,3 +263,41 @@ def test_a_client_that_never_reads_is_dropped_while_another_keeps_receiving(proc
     assert got == 4 * pairs  # every alert reached the client that reads
     assert "1013" in close and "too slow" in close, close
     assert "dropped: too slow" in proc.logs()
+
+
+def test_with_two_instances_each_feed_tells_of_every_sensor(processor, servers):
+    """Instance B owns some of the plant's partitions: a client of instance A still hears of
+    their alarms, through the alerts topic every instance follows."""
+    proc, base = processor
+    plant = proc.data.plants[0]
+    kafka = RawProducer(servers)
+    sensors = [f"bod-{i}" for i in range(24)]  # keyed by sensor: spread over the partitions
+
+    def b_owns_some() -> bool:
+        log = proc.workdir / "processor-1.log"
+        return log.exists() and f"assigned sensors.raw.{plant}[" in log.read_text()
+
+    async def scenario() -> list[float]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{base}/ws?plant={plant}") as ws,
+        ):
+            await _warm_up(ws, kafka, plant)
+            proc.start(http_port=free_port())
+            await asyncio.to_thread(wait_until, b_owns_some, 60, "instance B to own a partition")
+            took = []
+            for value, state in ((150.0, "raised"), (10.0, "cleared")):
+                t0 = time.monotonic()
+                readings = [_reading(plant, value, time.time(), s) for s in sensors]
+                await asyncio.to_thread(kafka.send, readings)
+                heard: set[str] = set()
+                while heard != set(sensors):
+                    alert = await _next(ws, "alert", timeout=20)
+                    if alert["state"] == state:
+                        heard.add(alert["sensorId"])
+                took.append(time.monotonic() - t0)
+            return took
+
+    took = asyncio.run(scenario())
+    print(f"alerts of all sensors from both instances: {[round(t * 1000) for t in took]} ms")
+    assert "revoked" in (proc.workdir / "processor-0.log").read_text()  # A gave partitions up

@@ -204,9 +204,10 @@ class Processor:
         r = self.data.run
         return {k: f"t{r}.{k}" for k in ("validated", "alerts", "aggregated", "deadletter")}
 
-    def write_config(self) -> Path:
+    def write_config(self, http_port: int | None = None) -> Path:
+        """The run's config; with ``http_port``, a copy serving HTTP there (another instance)."""
         t = self.topics
-        path = self.workdir / "processor.toml"
+        path = self.workdir / ("processor.toml" if http_port is None else f"http-{http_port}.toml")
         path.write_text(
             f"""
 [processor]
@@ -222,7 +223,7 @@ idle_flush_seconds = 6
 session_timeout_ms = 6000
 metadata_refresh_ms = 2000
 retry_max_seconds = 2
-http_port = {self.http_port}
+http_port = {self.http_port if http_port is None else http_port}
 
 [influxdb]
 url = "{self.influx["INFLUXDB_URL"]}"
@@ -232,9 +233,12 @@ token = "env:INFLUXDB_TOKEN"
         )
         return path
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, http_port: int | None = None) -> subprocess.Popen[bytes]:
+        """Another instance; ``http_port`` serves its HTTP elsewhere than the run's."""
         config = self.workdir / "processor.toml"
-        if not config.exists():
+        if http_port is not None:
+            config = self.write_config(http_port)
+        elif not config.exists():
             self.write_config()
         n = len(self.procs)
         log = (self.workdir / f"processor-{n}.log").open("wb")
