@@ -119,24 +119,39 @@
       return best;
     }
 
+    // The newest value known: a reading (this instance's sensors), or else the latest value of
+    // the newest closed window (sensors another processor instance owns reach us only so).
+    newestTime() {
+      const r = this.newest();
+      const w = this.last;
+      return Math.max(r ? r.t : -Infinity, w ? w.latestTime : -Infinity);
+    }
+
     render() {
       const r = this.newest();
-      if (r) {
+      const w = this.last;
+      if (w && (!r || w.latestTime > r.t)) {
+        this.value.textContent = fmt(w.latest);
+        this.unit.textContent = w.unit || "";
+        this.quality.textContent = "1-min";
+        this.quality.className = "q";
+        this.quality.title = "latest value of the last closed 1-minute window";
+        this.tile.dataset.level = level(w.latest, this.limits());
+        this.others.textContent = `sensor: ${w.latestSensorId}`;
+      } else if (r) {
         this.value.textContent = fmt(r.value);
         this.unit.textContent = r.unit || "";
         this.quality.textContent = r.quality;
         this.quality.className = "q " + r.quality;
         this.quality.title = (r.qualityReasons || []).join(", ");
-        this.tile.dataset.level = r.quality === "bad" ? "ok" : level(r.value, this.limits());
+        this.tile.dataset.level = r.quality === "bad" ? "bad" : level(r.value, this.limits());
         this.sensorNote(r);
       }
-      if (this.last) {
-        const w = this.last;
+      if (w) {
         this.agg.replaceChildren(
           `Minute ${hhmm(w.windowStart)}: avg `, el("b", "", fmt(w.avg)), `, range ${fmt(w.min)}–${fmt(w.max)}`,
         );
         this.agg.title = `1-minute window from ${clock(w.windowStart)}: ${w.count} readings`;
-        if (!r) this.unit.textContent = w.unit || "";
       }
       this.ticking();
     }
@@ -153,9 +168,9 @@
     }
 
     ticking() {
-      const r = this.newest();
-      if (!r) return;
-      const age = now() - r.t;
+      const t = this.newestTime();
+      if (!Number.isFinite(t)) return;
+      const age = now() - t;
       this.age.textContent = ago(age);
       this.age.classList.toggle("stale", age > 300);
     }
