@@ -4,9 +4,10 @@ stages add: POST routes (the gateway's ``POST /api/readings``), GET routes and a
 Bound to 127.0.0.1 by default.
 
 One asyncio loop on one thread serves every connection. Handlers that block (ingest waits for a
-disk commit, health checks ask Kafka) run in a bounded thread pool, so the loop never waits on
-them. At most ``max_requests`` requests are in progress at once; more answer 503 (WebSocket
-connections do not count: their route bounds its clients itself).
+disk commit) run in a bounded thread pool, so the loop never waits on them; /health (its checks
+ask Kafka) and /metrics have two threads of their own, so busy handlers never starve monitoring.
+At most ``max_requests`` requests are in progress at once; more answer 503 (WebSocket connections
+do not count: their route bounds its clients itself).
 
 The server owns the generic rules: a route with a token answers 401 without a matching bearer
 token before the body is read, a body needs a Content-Length (411) within the route's limit (413),
@@ -138,6 +139,7 @@ class HttpServer:
         self._in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._monitor_pool: ThreadPoolExecutor | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
@@ -183,6 +185,11 @@ class HttpServer:
         self._on_stop.append(callback)
 
     @property
+    def in_flight(self) -> int:
+        """Requests in progress (WebSockets not counted)."""
+        return self._in_flight
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The server's loop while it runs, for ``call_soon_threadsafe`` from other threads."""
         return self._loop
@@ -191,6 +198,10 @@ class HttpServer:
         """Run ``fn(*args)`` in the server's thread pool and await its result."""
         assert self._loop is not None
         return await self._loop.run_in_executor(self._pool, fn, *args)
+
+    async def _monitor(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._monitor_pool, fn, *args)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -204,11 +215,13 @@ class HttpServer:
         """Bind and serve on a thread of its own; raises here if the port cannot be bound."""
         loop = asyncio.new_event_loop()
         self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="http-worker")
+        self._monitor_pool = ThreadPoolExecutor(2, thread_name_prefix="http-monitor")
         try:
             loop.run_until_complete(self._open())
         except BaseException:
             loop.close()
             self._pool.shutdown()
+            self._monitor_pool.shutdown()
             raise
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="http", daemon=True)
@@ -249,9 +262,10 @@ class HttpServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self._loop = self._thread = self._runner = self._pool = None
+        for pool in (self._pool, self._monitor_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._loop = self._thread = self._runner = self._pool = self._monitor_pool = None
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -277,10 +291,10 @@ class HttpServer:
 
     async def _get(self, request: web.Request, path: str) -> web.StreamResponse:
         if path == "/metrics":
-            text = await self.run_blocking(generate_latest, self.metrics.registry)
+            text = await self._monitor(generate_latest, self.metrics.registry)
             return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
         if path == "/health":
-            return _json(*await self.run_blocking(self.health))
+            return _json(*await self._monitor(self.health))
         route = self.gets.get(path)
         if route is not None:
             if not route.allows(request):
