@@ -404,6 +404,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigint)
     print(f"demo plant '{args.plant}', gateway {gateway_id}; logs in {run_dir}")
+    print(f"live dashboard: http://127.0.0.1:{plant.processor_port}/ (the processor's page)")
     device = None
     try:
         plant.start()

@@ -61,6 +61,16 @@ def influx_env() -> dict[str, str]:
     return ensure_services("influxdb")
 
 
+@pytest.fixture(scope="session")
+def servers(kafka_env: dict[str, str], influx_env: dict[str, str]) -> dict[str, str]:
+    """Kafka and InfluxDB for the processor, with its buckets in place."""
+    from tests.support.processor_harness import ensure_buckets
+
+    env = {**kafka_env, **influx_env}
+    ensure_buckets(env)
+    return env
+
+
 @dataclass(frozen=True)
 class PtyPair:
     """Two pseudo-terminals joined by socat: bytes written to one arrive at the other."""

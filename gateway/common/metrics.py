@@ -37,7 +37,9 @@ class Metrics:
             registry=r,
         )
         self.active_connections = Gauge(
-            "iot_active_connections", "Connections to probes and brokers that are up", registry=r
+            "iot_active_connections",
+            "Connections that are up: probes and brokers (gateway), WebSocket clients (processor)",
+            registry=r,
         )
         self.buffer_size = Gauge(
             "iot_buffer_size", "Rows waiting in the disk buffer", ["plant_id"], registry=r

@@ -146,6 +146,29 @@ class AlarmEvent:
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AlarmEvent:
+        """The event ``to_dict`` gave (as read back from the alerts topic); KeyError, ValueError
+        or TypeError if it is not one."""
+        value, threshold, seq = d.get("value"), d.get("threshold"), d.get("seq")
+        return cls(
+            alarm_id=str(d["alarmId"]),
+            event_id=str(d["eventId"]),
+            sensor_id=str(d["sensorId"]),
+            plant_id=str(d["plantId"]),
+            parameter=str(d["parameter"]),
+            condition=str(d["condition"]),
+            level=str(d["level"]),
+            state=str(d["state"]),
+            value=None if value is None else float(value),
+            threshold=None if threshold is None else float(threshold),
+            timestamp=parse_ts(d["timestamp"]),
+            message=str(d.get("message", "")),
+            location=str(d.get("location", "")),
+            gateway_id=str(d.get("gatewayId", "")),
+            seq=None if seq is None else int(seq),
+        )
+
 
 @dataclass(slots=True)
 class Prediction:

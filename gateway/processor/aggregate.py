@@ -35,6 +35,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from gateway.common.model import Quality, Reading
 
@@ -131,6 +132,25 @@ class WindowAggregate:
             "unit": self.unit,
             "source": self.source,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WindowAggregate:
+        """The window ``to_dict`` gave (as read back from the aggregated topic)."""
+        return cls(
+            str(d["plantId"]),
+            str(d["parameter"]),
+            int(d["windowStart"]),
+            int(d["count"]),
+            float(d["sum"]),
+            float(d["min"]),
+            float(d["max"]),
+            float(d["latest"]),
+            float(d["latestTime"]),
+            str(d["latestSensorId"]),
+            str(d.get("unit", "")),
+            str(d.get("source", "")),
+            int(d.get("windowSeconds", WINDOW_SECONDS)),
+        )
 
 
 def merge(parts: Iterable[WindowAggregate]) -> WindowAggregate:

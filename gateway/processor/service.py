@@ -1,17 +1,18 @@
 """``edge-gateway processor run``: wires the processor's stages and owns their lifetimes.
 
 The consumer thread validates, alarms, aggregates and hands batches to the sinks (InfluxDB, the
-published topics) and tells the listeners (the predictor) what each batch produced; the HTTP
-server answers /metrics and /health. SIGTERM or SIGINT stops it; a consumer that dies ends the
-process non-zero, so systemd restarts it.
+published topics) and tells the listeners (the predictor, the live feed) what each batch produced;
+predictions reach the live feed too. The HTTP server answers /metrics and /health and serves the
+live feed, its API and the dashboard page. SIGTERM or SIGINT stops it; a stage thread that dies
+ends the process non-zero, so systemd restarts it.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,21 @@ from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
 from gateway.common.alarms import AlarmEngine
+from gateway.common.config import secret
 from gateway.common.http import HttpConfig, HttpServer
 from gateway.common.metrics import Metrics
 from gateway.common.model import now_ts
+from gateway.common.notify import Notifier
 from gateway.common.stage import Health
+from gateway.common.supervise import Heartbeat, Signals, StageDied, Supervisor, reloading_fields
 from gateway.common.validate import Validator
+from gateway.processor.aggregate import WindowAggregate
 from gateway.processor.consume import RawConsumer
 from gateway.processor.events import Listener
+from gateway.processor.follow import TopicFollower
+from gateway.processor.live import LiveHub
 from gateway.processor.predict import PredictionCallback, Predictor
+from gateway.processor.query import Queries
 from gateway.processor.settings import ProcessorSettings, load_processor_config
 from gateway.processor.store import InfluxStore
 
@@ -34,10 +42,11 @@ log = logging.getLogger(__name__)
 
 
 class ProcessorService:
-    """Owns the consumer thread, the predictor, the InfluxDB client and the HTTP endpoint.
+    """Owns the consumer thread, the predictor, the InfluxDB clients, the HTTP endpoint and the
+    live feed.
 
-    ``on_prediction`` callbacks (e.g. the live feed's publish) are told each prediction as
-    ``(plant_id, message)`` on the predictor's thread; they must only hand off.
+    ``on_prediction`` callbacks are told each prediction as ``(plant_id, message)`` on the
+    predictor's thread, after the live feed; they must only hand off.
     """
 
     def __init__(
@@ -51,7 +60,35 @@ class ProcessorService:
         cfg = settings.processor
         self._kafka_conf = cfg.kafka_conf()
         self.store = InfluxStore(settings.influxdb, self.metrics, source=settings.source)
+        self.http: HttpServer | None = None
+        self.live: LiveHub | None = None
+        self.follower: TopicFollower | None = None
+        self._queries: Queries | None = None
         listeners: list[Listener] = []
+        callbacks = list(on_prediction)
+        if cfg.http_port:
+            # No ingest here: /metrics, /health, the live feed and the dashboard.
+            self.http = HttpServer(HttpConfig(host=cfg.http_host, port=cfg.http_port), self.metrics)
+            self.http.add_check("kafka", self.check_kafka)
+            self.http.add_check("influxdb", self.check_influxdb)
+            token = secret(cfg.http_token, source=settings.source, key="processor.http_token")
+            influx = settings.influxdb
+            self._queries = Queries(influx.client(settings.source), influx)
+            self.live = LiveHub(
+                settings.alarms, self.metrics, token=token.encode(), stored_history=self._windows
+            )
+            self.live.attach(self.http)
+            listeners.append(self.live)
+            callbacks.insert(0, self.live.publish)
+            if cfg.live_follow:  # every plant in the feed, whichever instance owns its sensors
+                self.follower = TopicFollower(
+                    self._kafka_conf,
+                    alerts_topic=cfg.alerts_topic,
+                    aggregated_topic=cfg.aggregated_topic,
+                    group_prefix=cfg.group_id,
+                    hub=self.live,
+                    metadata_refresh_ms=cfg.metadata_refresh_ms,
+                )
         self.predictor: Predictor | None = None
         if settings.ml.enabled:
             self.predictor = Predictor(
@@ -61,9 +98,11 @@ class ProcessorService:
                 influx=settings.influxdb,
                 metrics=self.metrics,
                 source=settings.source,
-                callbacks=on_prediction,
+                callbacks=callbacks,
             )
             listeners.append(self.predictor)
+            if self.http is not None:
+                self.http.add_check("predictions", self.predictor.health)
         self.consumer = RawConsumer(
             cfg,
             self._kafka_conf,
@@ -74,29 +113,47 @@ class ProcessorService:
             listeners=listeners,
         )
         self._admin = AdminClient(self._kafka_conf)
-        self.http: HttpServer | None = None
-        if cfg.http_port:
-            # No buffer given: the processor serves /metrics and /health only, no ingest.
-            self.http = HttpServer(HttpConfig(host=cfg.http_host, port=cfg.http_port), self.metrics)
-            self.http.add_check("kafka", self.check_kafka)
-            self.http.add_check("influxdb", self.check_influxdb)
-            if self.predictor is not None:
-                self.http.add_check("predictions", self.predictor.health)
+        self._last_count = (time.monotonic(), 0)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return self.consumer.heartbeats()
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=: readings/s, Kafka and InfluxDB, open windows."""
+        now, consumed = time.monotonic(), self.consumer.consumed
+        rate = (consumed - self._last_count[1]) / max(now - self._last_count[0], 1e-3)
+        self._last_count = (now, consumed)
+        c = self.consumer
+        sinks = "sinks ok" if c.sink_down_since is None else f"sink down ({c.last_error[:60]})"
+        return f"{rate:.0f} readings/s, {sinks}, {c.open_windows()} open windows"
 
     def start(self) -> None:
+        if self.http is not None:  # first, so the live feed sees the first batch
+            self.http.start()
+        if self.follower is not None:
+            self.follower.start()
         if self.predictor is not None:
             self.predictor.start()
         self.consumer.start()
-        if self.http is not None:
-            self.http.start()
 
     def stop(self) -> None:
         self.consumer.stop()
         if self.predictor is not None:
             self.predictor.stop()
+        if self.follower is not None:
+            self.follower.stop()
         if self.http is not None:
             self.http.stop()
+        if self._queries is not None:
+            self._queries.client.close()
         self.store.close()
+
+    def _windows(self, plant: str, start: float, stop: float) -> list[WindowAggregate]:
+        """The dashboard's history: stored 1-minute windows, every instance's partials merged."""
+        assert self._queries is not None
+        return self._queries.windows(
+            plant, datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(stop, UTC)
+        )
 
     # -- health --------------------------------------------------------------------------------
 
@@ -129,21 +186,27 @@ class ProcessorService:
         return ok, detail
 
 
-class ConsumerStopped(RuntimeError):
-    """The consumer thread ended on its own; the process must end non-zero."""
-
-
-def run_until_signalled(config_path: str | Path) -> None:
-    """Run until SIGTERM or SIGINT; raises ConsumerStopped if the consumer thread dies."""
-    settings = load_processor_config(config_path)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    service = ProcessorService(settings)
+def run_until_signalled(config_path: str | Path, notifier: Notifier | None = None) -> None:
+    """Run until SIGTERM or SIGINT, speaking systemd's notify protocol; StageDied if the consumer
+    or writer thread dies (systemd restarts the processor), no watchdog ping while one is wedged.
+    SIGHUP is answered (the processor has nothing to reload without a restart) and logged."""
+    notify = notifier if notifier is not None else Notifier()
+    signals = Signals()
+    service = ProcessorService(load_processor_config(config_path))
     service.start()
+    supervisor = Supervisor(service.heartbeats, service.status, notify)
+    notify.send("READY=1", f"STATUS={service.status()}")
     try:
-        while not stop.wait(1.0):
-            if service.consumer.crashed is not None:
-                raise ConsumerStopped(f"processor stopped: {service.consumer.crashed}")
+        while not signals.stop.is_set():
+            signals.wait(supervisor.interval)
+            if signals.take_reload():
+                notify.send(*reloading_fields())
+                log.warning("SIGHUP: the processor reads its config only at start; restart it")
+                notify.send("READY=1")
+            elif not signals.stop.is_set():
+                if service.consumer.crashed is not None:
+                    raise StageDied(f"processor stopped: {service.consumer.crashed}")
+                supervisor.tick()
     finally:
+        notify.send("STOPPING=1")
         service.stop()

@@ -45,7 +45,9 @@ class ProcessorConfig(KafkaConnection):
     session_timeout_ms: int = 10_000
     metadata_refresh_ms: int = 30_000  # how soon a new plant topic is picked up
     http_host: str = "127.0.0.1"
-    http_port: int = 9181  # /metrics and /health; 0 disables
+    http_port: int = 9181  # /metrics, /health, the live feed and the dashboard; 0 disables
+    http_token: str = ""  # bearer token for /ws and /api/* (env:NAME or file:/path); "" = open
+    live_follow: bool = True  # the live feed follows every instance's alerts and windows topics
 
     def __post_init__(self) -> None:
         super().__post_init__()

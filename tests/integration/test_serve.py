@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.common.http import HttpConfig, HttpServer
+from gateway.common.http import HttpConfig, HttpServer, Route
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Reading, Record
 from gateway.edge.acquire.http import HttpIngest
 from gateway.edge.buffer import Buffer, BufferConfig
 from gateway.edge.intake import Intake, Process
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +195,59 @@ def test_metrics_are_exposed_for_prometheus(server, buffer):
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     assert 'iot_messages_received_total{plant_id="north",source="http"} 1.0' in text
     assert "iot_buffer_bytes" in text
+
+
+# --- the server's generic rules, with routes of the test's own ----------------------------------
+
+
+@pytest.fixture
+def bare() -> Iterator[HttpServer]:
+    srv = HttpServer(HttpConfig(port=0, workers=2, max_requests=3), Metrics())
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_a_body_without_content_length_is_refused_with_411(bare):
+    bare.add_route("/echo", Route(lambda body: (200, {"n": len(body)}), max_body_bytes=100))
+    conn = http.client.HTTPConnection("127.0.0.1", bare.port, timeout=10)
+    conn.request("POST", "/echo", body=iter([b"{}", b"[]"]), encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 411 and resp.getheader("Connection") == "close"
+    conn.close()
+    assert request(bare, "POST", "/echo", b"abc")[:2] == (200, {"n": 3})
+
+
+def test_a_handler_that_raises_answers_500_and_the_server_carries_on(bare):
+    def boom(body: bytes) -> Any:
+        raise RuntimeError("handler bug")
+
+    bare.add_route("/boom", Route(boom, max_body_bytes=100))
+    status, doc, _ = request(bare, "POST", "/boom", b"{}")
+    assert status == 500 and "internal error" in doc["error"]
+    assert request(bare, "GET", "/health", token=None)[0] == 200
+
+
+def test_blocking_handlers_never_hold_up_monitoring_and_excess_requests_get_503(bare):
+    """Two workers, three requests in progress at most: two handlers block the workers, a third
+    waits for one; /health still answers (its own threads), a fourth request is refused."""
+    release = threading.Event()
+    bare.add_route("/slow", Route(lambda _: (200, {"ok": release.wait(30)}), max_body_bytes=10))
+    slow = [ThreadPoolExecutor(3).submit(request, bare, "POST", "/slow", b"x") for _ in range(2)]
+    wait_until(lambda: bare.in_flight == 2, 10, "two slow requests in progress")
+    t0 = time.monotonic()
+    assert request(bare, "GET", "/health", token=None)[0] == 200
+    assert time.monotonic() - t0 < 5
+    slow.append(ThreadPoolExecutor(1).submit(request, bare, "POST", "/slow", b"x"))
+    wait_until(lambda: bare.in_flight == 3, 10, "three requests in progress")
+    status, _, headers = request(bare, "GET", "/metrics", token=None)
+    assert status == 503 and headers["Retry-After"] == "5"
+    release.set()
+    assert [f.result(10)[:2] for f in slow] == [(200, {"ok": True})] * 3
+    assert request(bare, "GET", "/metrics", token=None)[0] == 200
+
+
+def test_a_port_in_use_fails_at_start(bare):
+    taken = HttpServer(HttpConfig(port=bare.port), Metrics())
+    with pytest.raises(OSError):
+        taken.start()

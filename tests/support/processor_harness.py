@@ -8,6 +8,7 @@ windows close deterministically (grace, then idle flush once the partitions are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +36,9 @@ from gateway.processor.aggregate import WindowAggregate, aggregatable, window_st
 from gateway.processor.provision import provision
 from gateway.processor.query import Queries
 from gateway.processor.store import InfluxConfig
+from tests.support.net import free_port
 from tests.support.services import ROOT
+from tests.support.wait import wait_until
 
 SENSORS = [
     ("ph-1", "pH", "pH"),
@@ -201,9 +207,10 @@ class Processor:
         names = ("validated", "alerts", "aggregated", "deadletter", "predictions")
         return {k: f"t{r}.{k}" for k in names}
 
-    def write_config(self) -> Path:
+    def write_config(self, http_port: int | None = None) -> Path:
+        """The run's config; with ``http_port``, a copy serving HTTP there (another instance)."""
         t = self.topics
-        path = self.workdir / "processor.toml"
+        path = self.workdir / ("processor.toml" if http_port is None else f"http-{http_port}.toml")
         path.write_text(
             f"""
 [processor]
@@ -220,7 +227,7 @@ idle_flush_seconds = 6
 session_timeout_ms = 6000
 metadata_refresh_ms = 2000
 retry_max_seconds = 2
-http_port = {self.http_port}
+http_port = {self.http_port if http_port is None else http_port}
 
 [influxdb]
 url = "{self.influx["INFLUXDB_URL"]}"
@@ -230,9 +237,12 @@ token = "env:INFLUXDB_TOKEN"
         )
         return path
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, http_port: int | None = None) -> subprocess.Popen[bytes]:
+        """Another instance; ``http_port`` serves its HTTP elsewhere than the run's."""
         config = self.workdir / "processor.toml"
-        if not config.exists():
+        if http_port is not None:
+            config = self.write_config(http_port)
+        elif not config.exists():
             self.write_config()
         n = len(self.procs)
         log = (self.workdir / f"processor-{n}.log").open("wb")
@@ -446,3 +456,66 @@ def read_topic(
     finally:
         c.close()
     return out
+
+
+# --- the live feed ---------------------------------------------------------------------------
+
+
+def live_dataset(*names: str) -> Dataset:
+    """A run with these plants and no readings yet: live tests send theirs as they go."""
+    run = uuid.uuid4().hex[:8]
+    return Dataset(run, [f"p{run}-{n}" for n in names], [])
+
+
+class RawProducer:
+    """Sends readings to their plants' raw topics at once, as a gateway's forwarder does."""
+
+    def __init__(self, kafka: dict[str, str]) -> None:
+        self._p = Producer({"bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"], "linger.ms": 0})
+
+    def send(self, readings: list[Reading]) -> None:
+        headers = [("content-type", b"application/json"), ("source", b"iot-gateway")]
+        for r in readings:
+            topic, key = raw_topic(r.plant_id), r.sensor_id.encode()
+            while True:
+                try:
+                    self._p.produce(topic, r.to_json(), key, headers=headers)
+                    break
+                except BufferError:
+                    self._p.poll(0.05)
+        assert self._p.flush(30) == 0, "test producer could not deliver"
+
+
+@contextlib.contextmanager
+def live_processor(
+    servers: dict[str, str], workdir: Path, *plants: str
+) -> Iterator[tuple[Processor, str]]:
+    """A processor serving HTTP (the live feed, the page) for a run with these plants, and its
+    base URL; stopped and its topics deleted afterwards."""
+    proc = Processor(live_dataset(*plants), servers, servers, workdir, http_port=free_port())
+    proc.start()
+    try:
+        yield proc, wait_serving(proc)
+    finally:
+        proc.stop_all()
+        proc.delete_topics()
+
+
+def wait_serving(proc: Processor, timeout: float = 60.0) -> str:
+    """Until the processor's HTTP server answers /health; its base URL."""
+    base = f"http://127.0.0.1:{proc.http_port}"
+
+    def answers() -> bool:
+        for p in proc.procs:
+            if p.poll() is not None:
+                raise AssertionError(f"processor exited ({p.returncode}):\n{proc.logs()}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True  # 503 while Kafka or InfluxDB are checked: it serves
+        except OSError:
+            return False
+
+    wait_until(answers, timeout, "the processor's HTTP server")
+    return base

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.common.model import (
+    AlarmEvent,
     Quality,
     Reading,
     Rejection,
@@ -100,3 +101,17 @@ def test_any_object_gives_a_reading_or_a_rejection(d):
 @given(st.binary(max_size=512))
 def test_any_bytes_give_a_reading_or_a_rejection(payload):
     assert isinstance(reading_from_json(payload), Reading | Rejection)
+
+
+def test_alarm_event_round_trips_through_the_wire_json():
+    e = AlarmEvent(
+        alarm_id="a1", event_id="e1", sensor_id="bod-1", plant_id="north", parameter="BOD",
+        condition="HH", level="critical", state="raised", value=140.5, threshold=100.0,
+        timestamp=parse_ts("2026-11-28T06:00:00.250Z"), message="BOD high", location="inlet",
+        gateway_id="gw-1", seq=7,
+    )  # fmt: skip
+    assert AlarmEvent.from_dict(json.loads(e.to_json())) == e
+    fault = AlarmEvent.from_dict({**e.to_dict(), "value": None, "threshold": None, "seq": None})
+    assert (fault.value, fault.threshold, fault.seq) == (None, None, None)
+    with pytest.raises(KeyError):
+        AlarmEvent.from_dict({"alarmId": "a1"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -350,3 +351,10 @@ def test_replay_with_resent_readings_rebuilds_the_distinct_aggregates(seed, cras
         e_count, e_sum, e_lo, e_hi = expected[key]
         assert (count, lo, hi) == (e_count, e_lo, e_hi), key
         assert total == pytest.approx(e_sum, rel=1e-12), key
+
+
+def test_a_window_round_trips_through_the_aggregated_topic_json():
+    w = WindowAggregate.first(reading(T0 + 1, 7.1), T0, "sensors.raw.north/2", 60)
+    w.add(6.9, T0 + 30, "ph-2")
+    back = WindowAggregate.from_dict(json.loads(json.dumps(w.to_dict())))
+    assert back == w
