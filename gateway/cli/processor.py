@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -10,6 +9,7 @@ import typer
 from typer import Option
 
 from gateway.common.config import ConfigError
+from gateway.common.logs import configure_logging
 
 if TYPE_CHECKING:  # the service pulls in Kafka and InfluxDB clients: import them only when used
     from gateway.processor.settings import ProcessorSettings
@@ -37,17 +37,16 @@ def run(
     log_level: Annotated[str, Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Consume raw readings until SIGTERM or Ctrl-C: validate, alarm, aggregate, store."""
-    from gateway.processor.service import ConsumerStopped, run_until_signalled
+    from gateway.common.supervise import StageDied
+    from gateway.processor.service import run_until_signalled
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level)
     try:
         run_until_signalled(config)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
-    except ConsumerStopped as e:
+    except StageDied as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
 

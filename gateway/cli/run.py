@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gateway.common.config import ConfigError
+from gateway.common.logs import configure_logging
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The gateway's config file.")]
 
@@ -18,16 +18,18 @@ def run(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the edge gateway daemon until SIGTERM or Ctrl-C; SIGHUP reloads the config."""
+    from gateway.common.supervise import StageDied
     from gateway.edge.daemon import run_until_signalled
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level)
     try:
         run_until_signalled(config)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
+    except StageDied as e:
+        typer.echo(f"edge-gateway stopped: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 def check(config: ConfigPath = Path("config.toml")) -> None:

@@ -2,14 +2,13 @@
 
 The consumer thread validates, alarms, aggregates and hands batches to the sinks (InfluxDB, the
 published topics); the HTTP server answers /metrics and /health. SIGTERM or SIGINT stops it; a
-consumer that dies ends the process non-zero, so systemd restarts it.
+stage thread that dies ends the process non-zero, so systemd restarts it.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ from gateway.common.alarms import AlarmEngine
 from gateway.common.http import HttpConfig, HttpServer
 from gateway.common.metrics import Metrics
 from gateway.common.model import now_ts
+from gateway.common.notify import Notifier
 from gateway.common.stage import Health
+from gateway.common.supervise import Heartbeat, Signals, StageDied, Supervisor, reloading_fields
 from gateway.common.validate import Validator
 from gateway.processor.consume import RawConsumer
 from gateway.processor.settings import ProcessorSettings, load_processor_config
@@ -47,12 +48,25 @@ class ProcessorService:
             self.metrics,
         )
         self._admin = AdminClient(self._kafka_conf)
+        self._last_count = (time.monotonic(), 0)
         self.http: HttpServer | None = None
         if cfg.http_port:
             # No buffer given: the processor serves /metrics and /health only, no ingest.
             self.http = HttpServer(HttpConfig(host=cfg.http_host, port=cfg.http_port), self.metrics)
             self.http.add_check("kafka", self.check_kafka)
             self.http.add_check("influxdb", self.check_influxdb)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return self.consumer.heartbeats()
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=: readings/s, Kafka and InfluxDB, open windows."""
+        now, consumed = time.monotonic(), self.consumer.consumed
+        rate = (consumed - self._last_count[1]) / max(now - self._last_count[0], 1e-3)
+        self._last_count = (now, consumed)
+        c = self.consumer
+        sinks = "sinks ok" if c.sink_down_since is None else f"sink down ({c.last_error[:60]})"
+        return f"{rate:.0f} readings/s, {sinks}, {c.open_windows()} open windows"
 
     def start(self) -> None:
         self.consumer.start()
@@ -96,21 +110,27 @@ class ProcessorService:
         return ok, detail
 
 
-class ConsumerStopped(RuntimeError):
-    """The consumer thread ended on its own; the process must end non-zero."""
-
-
-def run_until_signalled(config_path: str | Path) -> None:
-    """Run until SIGTERM or SIGINT; raises ConsumerStopped if the consumer thread dies."""
-    settings = load_processor_config(config_path)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    service = ProcessorService(settings)
+def run_until_signalled(config_path: str | Path, notifier: Notifier | None = None) -> None:
+    """Run until SIGTERM or SIGINT, speaking systemd's notify protocol; StageDied if the consumer
+    or writer thread dies (systemd restarts the processor), no watchdog ping while one is wedged.
+    SIGHUP is answered (the processor has nothing to reload without a restart) and logged."""
+    notify = notifier if notifier is not None else Notifier()
+    signals = Signals()
+    service = ProcessorService(load_processor_config(config_path))
     service.start()
+    supervisor = Supervisor(service.heartbeats, service.status, notify)
+    notify.send("READY=1", f"STATUS={service.status()}")
     try:
-        while not stop.wait(1.0):
-            if service.consumer.crashed is not None:
-                raise ConsumerStopped(f"processor stopped: {service.consumer.crashed}")
+        while not signals.stop.is_set():
+            signals.wait(supervisor.interval)
+            if signals.take_reload():
+                notify.send(*reloading_fields())
+                log.warning("SIGHUP: the processor reads its config only at start; restart it")
+                notify.send("READY=1")
+            elif not signals.stop.is_set():
+                if service.consumer.crashed is not None:
+                    raise StageDied(f"processor stopped: {service.consumer.crashed}")
+                supervisor.tick()
     finally:
+        notify.send("STOPPING=1")
         service.stop()

@@ -226,13 +226,13 @@ token = "env:INFLUXDB_TOKEN"
         )
         return path
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         config = self.workdir / "processor.toml"
         if not config.exists():
             self.write_config()
         n = len(self.procs)
         log = (self.workdir / f"processor-{n}.log").open("wb")
-        env = {**os.environ, "INFLUXDB_TOKEN": self.influx["INFLUXDB_TOKEN"]}
+        env = {**os.environ, "INFLUXDB_TOKEN": self.influx["INFLUXDB_TOKEN"], **(env or {})}
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "processor", "run", "--config", str(config)],
             cwd=ROOT,
