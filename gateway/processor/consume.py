@@ -34,7 +34,8 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import Quality, Rejection
 from gateway.common.supervise import Heartbeat
 from gateway.common.validate import Validator
-from gateway.processor.aggregate import CommitPoint, Outcome, PartitionWindows
+from gateway.processor.aggregate import Outcome, PartitionWindows
+from gateway.processor.checkpoint import Checkpoints, Key
 from gateway.processor.codec import decode_keeping_ts, reading_json
 from gateway.processor.publish import HEADERS, Publisher, PublishFailed
 from gateway.processor.store import InfluxStore, alarm_line, reading_line, window_line
@@ -58,7 +59,7 @@ _STALE_COMMIT = {
 # How long a revocation waits for handed-over batches, to commit them before letting go.
 _REVOKE_DRAIN_SECONDS = 5.0
 
-_Key = tuple[str, int]  # topic, partition
+_Key = Key
 
 
 def plant_from_topic(topic: str) -> str:
@@ -88,8 +89,7 @@ class RawConsumer:
         self._thread: threading.Thread | None = None
         self._kafka_conf = kafka_conf
         self._windows: dict[_Key, PartitionWindows] = {}
-        self._last_commit: dict[_Key, tuple[int, str]] = {}
-        self._safe: dict[_Key, tuple[PartitionWindows, CommitPoint]] = {}  # done, not yet committed
+        self._checkpoints = Checkpoints()
         self._last_commit_at = 0.0
         self._caught_up: set[_Key] = set()  # partitions read to their end (for idle flush)
         self._paused = False
@@ -208,7 +208,7 @@ class RawConsumer:
                 max_future_seconds=self.config.max_future_seconds,
                 checkpoint=checkpoint,
             )
-            self._last_commit.pop(key, None)
+            self._checkpoints.forget(key)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _committed(
@@ -238,8 +238,7 @@ class RawConsumer:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._windows.pop(key, None)
-            self._last_commit.pop(key, None)
-            self._safe.pop(key, None)
+            self._checkpoints.forget(key)
             self._caught_up.discard(key)
             self._last_activity.pop(key, None)
             with contextlib.suppress(KeyError):
@@ -443,21 +442,13 @@ class RawConsumer:
     def _commit_done(self, force: bool = False) -> None:
         """Commit where the batches the writer finished allow, at most every commit interval."""
         assert self._consumer is not None and self._writer is not None
-        for batch in self._writer.take_done():
-            for key, pw, cp in batch.commits:
-                self._safe[key] = (pw, cp)
+        self._checkpoints.stored(self._writer.take_done())
         now = time.monotonic()
-        if not self._safe:
+        if not self._checkpoints.pending:
             return
         if not force and now - self._last_commit_at < self.config.commit_interval:
             return
-        offsets = []
-        for key, (pw, cp) in self._safe.items():
-            if self._windows.get(key) is not pw:
-                continue  # revoked (and maybe assigned again) since: not ours to commit
-            if self._last_commit.get(key) != (cp.offset, cp.metadata):
-                offsets.append(TopicPartition(key[0], key[1], cp.offset, cp.metadata))
-        self._safe.clear()
+        offsets = self._checkpoints.due(self._windows)
         self._last_commit_at = now
         if not offsets:
             return
@@ -470,14 +461,9 @@ class RawConsumer:
                 log.info("commit skipped during a rebalance: %s", err)
             else:
                 log.warning("offset commit failed (retried with the next batch): %s", err)
-                for tp in offsets:  # keep them for the next attempt
-                    key = (tp.topic, tp.partition)
-                    current = self._windows.get(key)
-                    if current is not None and key not in self._safe:
-                        self._safe[key] = (current, CommitPoint(tp.offset, tp.metadata or ""))
+                self._checkpoints.retry(offsets, self._windows)
             return
-        for tp in offsets:
-            self._last_commit[(tp.topic, tp.partition)] = (tp.offset, tp.metadata or "")
+        self._checkpoints.committed(offsets)
         self.metrics.processing_latency.labels(stage="commit").observe(time.perf_counter() - t0)
 
     def _nudge_stale(self, msgs: list[Message]) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,14 @@ import pytest
 from pymodbus.client import ModbusSerialClient
 
 from gateway.common.metrics import Metrics
-from gateway.common.model import Quality, Reading, Record
+from gateway.common.model import Quality, Reading
 from gateway.edge.acquire.modbus.engine import ModbusEngine, load_modbus_config
 from gateway.edge.acquire.modbus.profiles import load_profile
 from gateway.edge.acquire.modbus.registers import decode
 from gateway.edge.acquire.modbus.simulate import RtuSimulator, SimBus, SimSlave, TcpSimulator
 from tests.support.net import free_port
 from tests.support.services import ROOT
+from tests.support.sinks import RecordingSink
 
 pytestmark = pytest.mark.integration
 
@@ -34,36 +34,6 @@ DRIVERS = ROOT / "drivers"
 SERIAL_PROBES = {1: "ph-int16.toml", 2: "sonde-float32-cdab.toml", 3: "conductivity-tds.toml"}
 SENSOR = {1: "PH-1", 2: "SONDE-2", 3: "EC-3"}
 TIMEOUT = 0.25
-
-
-class Collector:
-    """The engine's sink: keeps every batch in arrival order."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Reading]] = []
-        self._cond = threading.Condition()
-
-    def __call__(
-        self,
-        records: list[Record],
-        on_durable: Callable[[], object] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        with self._cond:
-            self.batches.append([r for r in records if isinstance(r, Reading)])
-            self._cond.notify_all()
-
-    def wait_for(
-        self, predicate: Callable[[list[list[Reading]]], bool], timeout: float = 15
-    ) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: predicate(self.batches), timeout):
-                pytest.fail(f"condition not met; last batches: {self.batches[-4:]}")
-
-    def of(self, sensor: str) -> list[list[Reading]]:
-        with self._cond:
-            return [b for b in self.batches if b and b[0].sensor_id == sensor]
 
 
 def _count(sensor: str, n: int, good: bool | None = None) -> Callable[[list[list[Reading]]], bool]:
@@ -82,8 +52,16 @@ def _metric(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 class Rig:
-    def __init__(self, engine: ModbusEngine, sink: Collector, metrics: Metrics, serial_bus: SimBus,
-                 tcp_bus: SimBus, port: str, tcp: TcpSimulator) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: ModbusEngine,
+        sink: RecordingSink,
+        metrics: Metrics,
+        serial_bus: SimBus,
+        tcp_bus: SimBus,
+        port: str,
+        tcp: TcpSimulator,
+    ) -> None:
         self.engine, self.sink, self.metrics = engine, sink, metrics
         self.serial_bus, self.tcp_bus, self.port, self.tcp = serial_bus, tcp_bus, port, tcp
 
@@ -118,7 +96,7 @@ def _config(
 def rig(pty_pair: Any) -> Iterator[Rig]:
     serial_bus = SimBus([SimSlave(load_profile(DRIVERS / n), u) for u, n in SERIAL_PROBES.items()])
     tcp_bus = SimBus([SimSlave(load_profile(DRIVERS / "flowmeter-tcp.toml"), 1)])
-    sink, metrics = Collector(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     with RtuSimulator(pty_pair.b, serial_bus), TcpSimulator("127.0.0.1", 0, tcp_bus) as tcp:
         table = _config(pty_pair.a, tcp.address[1])
         cfg = load_modbus_config(table, source=DRIVERS / "config.toml")
@@ -295,7 +273,7 @@ def test_cli_tcp_simulator_is_polled_by_the_engine(tmp_path: Path) -> None:
     proc = _start_cli(
         "--profile", "drivers/flowmeter-tcp.toml", "--unit", "7", "--tcp", f"127.0.0.1:{port}"
     )
-    sink = Collector()
+    sink = RecordingSink()
     device = {"host": "127.0.0.1", "port": port, "unit": 7, "sensor_id": "FT-7", "interval": 0.05,
               "profile": "drivers/flowmeter-tcp.toml", "timeout": TIMEOUT}  # fmt: skip
     table = {"tcp": [device]}
@@ -312,7 +290,7 @@ def test_a_missing_serial_port_gives_flagged_readings_not_a_crash(tmp_path: Path
     port = str(tmp_path / "ttyUSB9")
     slave = {"profile": "ph-int16.toml", "sensor_id": "PH-9", "interval": 0.05}
     table = {"serial": [{"port": port, "timeout": TIMEOUT, "backoff_max": 0.1, "slaves": [slave]}]}
-    sink, metrics = Collector(), Metrics()
+    sink, metrics = RecordingSink(), Metrics()
     with ModbusEngine(
         load_modbus_config(table, source=DRIVERS / "x.toml"), sink, metrics
     ) as engine:

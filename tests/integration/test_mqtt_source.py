@@ -5,47 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from gateway.common.metrics import Metrics
-from gateway.common.model import Reading, Record
 from gateway.edge.acquire.mqtt.source import MqttConfig, MqttSource, Subscription
 from gateway.edge.deadletter import DeadLetterStore
 from gateway.edge.intake import Intake
+from tests.support.sinks import RecordingSink
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-class Sink:
-    """Stands in for the buffer: keeps the readings and, if ``durable``, reports them durable."""
-
-    def __init__(self, durable: bool = True) -> None:
-        self.durable = durable
-        self.readings: list[Reading] = []
-        self._lock = threading.Lock()
-
-    def __call__(
-        self,
-        records: list[Record],
-        on_durable: Callable[[], object] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        with self._lock:
-            self.readings.extend(r for r in records if isinstance(r, Reading))
-        if self.durable and on_durable is not None:
-            on_durable()
-
-    def values(self) -> list[float | None]:
-        with self._lock:
-            return [r.value for r in self.readings]
 
 
 class Harness:
@@ -84,7 +58,7 @@ class Harness:
             unit="mg/L",
         )
 
-    def start(self, sink: Sink, config: MqttConfig | None = None) -> MqttSource:
+    def start(self, sink: RecordingSink, config: MqttConfig | None = None) -> MqttSource:
         intake = Intake(sink, self.metrics)  # counts received readings, as in the daemon
         source = MqttSource(
             config or self.config(), intake.sink_for("mqtt"), self.metrics, self.dead, "gw-1"
@@ -139,7 +113,7 @@ def reading_json(sensor: str, value: float, plant: str = "north") -> bytes:
 
 
 def test_json_and_plain_number_payloads_become_readings(h):
-    sink = Sink()
+    sink = RecordingSink()
     h.start(sink)
     h.publisher()
     h.publish(
@@ -194,7 +168,7 @@ def malformed(prefix: str, i: int) -> tuple[str, bytes, str]:
 
 def test_a_thousand_malformed_payloads_are_dead_lettered_and_valid_ones_all_arrive(h, caplog):
     caplog.set_level(logging.WARNING, logger="gateway.edge.acquire.mqtt.source")
-    sink = Sink()
+    sink = RecordingSink()
     source = h.start(sink)
     h.publisher()
     bad = [malformed(h.prefix, i) for i in range(1000)]
@@ -231,7 +205,7 @@ def test_a_thousand_malformed_payloads_are_dead_lettered_and_valid_ones_all_arri
 
     # Every message was acknowledged: a new connection of the same session gets nothing back.
     source.stop()
-    again = Sink()
+    again = RecordingSink()
     h.start(again)
     h.publish([(f"{h.prefix}/num/north/marker/BOD", b"1")])
     wait_until(lambda: len(again.values()) >= 1, 20, "the marker")
@@ -239,32 +213,32 @@ def test_a_thousand_malformed_payloads_are_dead_lettered_and_valid_ones_all_arri
 
 
 def test_messages_published_while_the_source_is_stopped_arrive_after_restart(h):
-    first = h.start(Sink())
+    first = h.start(RecordingSink())
     first.stop()
     h.publisher()
     h.publish([(f"{h.prefix}/num/north/s{i}/BOD", str(i).encode()) for i in range(50)])
-    sink = Sink()
+    sink = RecordingSink()
     h.start(sink)
     wait_until(lambda: len(sink.values()) == 50, 20, "the 50 queued messages")
     assert sorted(sink.values()) == [float(i) for i in range(50)]
 
 
 def test_a_message_never_made_durable_is_redelivered_after_reconnect(h):
-    lost = Sink(durable=False)
+    lost = RecordingSink(durable=False)
     first = h.start(lost)
     h.publisher()
     h.publish([(f"{h.prefix}/num/north/s{i}/BOD", str(i).encode()) for i in range(5)])
     wait_until(lambda: len(lost.values()) == 5, 20, "the first delivery")
     first.stop(drain_timeout=0)  # e.g. the gateway died before the buffer committed
 
-    second = Sink()
+    second = RecordingSink()
     source = h.start(second)
     wait_until(lambda: len(second.values()) == 5, 20, "the redelivery")
     assert sorted(second.values()) == [0.0, 1.0, 2.0, 3.0, 4.0]
 
     # The second delivery was durable, hence acknowledged: a third connection only gets new data.
     source.stop()
-    third = Sink()
+    third = RecordingSink()
     h.start(third)
     h.publish([(f"{h.prefix}/num/north/marker/BOD", b"9")])
     wait_until(lambda: len(third.values()) >= 1, 20, "the marker")
@@ -272,7 +246,7 @@ def test_a_message_never_made_durable_is_redelivered_after_reconnect(h):
 
 
 def test_tls_with_ca_verification(h):
-    sink = Sink()
+    sink = RecordingSink()
     h.start(sink, h.config(tls=True))
     h.publisher()
     h.publish([(f"{h.prefix}/json/x", reading_json("ph-tls", 6.5))])
@@ -282,7 +256,7 @@ def test_tls_with_ca_verification(h):
 
 def test_refused_credentials_leave_the_source_unhealthy_but_running(h):
     config = h.config(password="wrong", reconnect_min_delay=1, reconnect_max_delay=1)
-    source = MqttSource(config, Sink(), h.metrics, h.dead, "gw-1")
+    source = MqttSource(config, RecordingSink(), h.metrics, h.dead, "gw-1")
     source.start()
     h.sources.append(source)
     wait_until(lambda: "refused" in source.last_error, 20, "the broker's refusal")
@@ -291,7 +265,7 @@ def test_refused_credentials_leave_the_source_unhealthy_but_running(h):
 
 
 def test_a_dropped_connection_is_re_established_and_readings_keep_arriving(h):
-    sink = Sink()
+    sink = RecordingSink()
     source = h.start(sink, h.config(reconnect_min_delay=1, reconnect_max_delay=2))
     h.publisher()
     h.publish([(f"{h.prefix}/num/north/before/BOD", b"1")])

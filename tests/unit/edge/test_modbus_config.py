@@ -1,12 +1,13 @@
-"""The [modbus] config section: profiles resolved, defaults taken from them, mistakes named."""
+"""The [modbus] config section: profiles resolved, defaults taken from them.
+
+Mistakes in the section are config cases: tests/cases/config/modbus-*.toml (see
+tests/unit/common/test_config.py).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from gateway.common.config import ConfigError
 from gateway.edge.acquire.modbus.engine import load_modbus_config, resolve_buses
 from tests.support.services import ROOT
 
@@ -34,29 +35,6 @@ def test_tcp_devices_at_one_address_share_one_bus() -> None:
     cfg = load_modbus_config({"tcp": [flow, {**flow, "unit": 2, "sensor_id": "F2"}]}, source=SOURCE)
     (bus,) = resolve_buses(cfg)
     assert bus.label == "10.0.0.5:502" and len(bus.devices) == 2
-
-
-@pytest.mark.parametrize(
-    ("table", "key", "expected"),
-    [
-        (_port({**PH, "profile": "nope.toml"}), "modbus.serial[0].slaves[0].profile", "not found"),
-        (_port({**PH, "sensor_ids": {"pH": "X"}}), "modbus.serial[0].slaves[0].sensor_ids", "'ph'"),
-        (_port(PH, {**EC, "unit": 1}), "modbus.serial[0].slaves[1].unit", "not used twice"),
-        (
-            _port(PH, {"profile": "sonde-float32-cdab.toml", "sensor_id": "S", "unit": 3}),
-            "modbus.serial[0].baudrate",
-            "profiles differ",
-        ),
-        (_port({**PH, "intervall": 5}), "modbus.serial[0].slaves[0].intervall", "'interval'"),
-        (_port({**PH, "interval": 0}), "modbus.serial[0].slaves[0]", "positive"),
-        (_port(PH, parity="X"), "modbus.serial[0].parity", "'E'"),
-    ],
-)
-def test_config_mistakes_name_the_key(table: dict[str, Any], key: str, expected: str) -> None:
-    with pytest.raises(ConfigError) as e:
-        load_modbus_config(table, source=SOURCE)
-    assert e.value.key == key and expected in e.value.expected
-    assert e.value.source == str(SOURCE)
 
 
 def test_explicit_line_settings_allow_mixed_profiles() -> None:

@@ -1,9 +1,31 @@
-"""MQTT payloads become readings, or a labelled rejection; the parser never raises."""
+"""MQTT payloads become readings, or a labelled rejection; the parser never raises.
+
+The payload cases are data: ``tests/cases/mqtt/*.toml``, one file per subscription. A file holds
+``received_at`` (the gateway's clock for every message), an ``[mqtt]`` section as in the config
+file with exactly one ``[[mqtt.subscriptions]]``, and ``[[case]]`` tables:
+
+    name = "..."                  # the test id, with the file's name
+    topic = "plant/p1/bod-3/BOD"
+    payload = "12.5"              # text, sent as UTF-8; or payload_hex = "ff fe 00" for bytes
+    repeat = 1025                 # optional: the payload repeated this many times
+    readings = [...]              # the readings it becomes, in order (see below)
+    reject = "not_a_number"       # instead of readings: the rejection reason
+    detail_starts_with = "..."    # optional, with reject
+
+Each expected reading is an inline table of sensor_id, plant_id, parameter, value, unit and
+quality; one without ``value`` must have none. ``timestamp`` and ``quality_reasons`` are checked
+when given.
+
+Config mistakes in ``[mqtt]`` are config cases: ``tests/cases/config/mqtt-*.toml``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import tomllib
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,8 +35,22 @@ from gateway.common.config import ConfigError
 from gateway.common.model import Quality, Reading, Rejection
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
 from gateway.edge.acquire.mqtt.source import MqttConfig
+from tests.support.services import ROOT
 
-T0 = 1_780_000_000.0
+CASE_FILES = sorted((ROOT / "tests" / "cases" / "mqtt").glob("*.toml"))
+CASE_KEYS = {
+    "name",
+    "topic",
+    "payload",
+    "payload_hex",
+    "repeat",
+    "readings",
+    "reject",
+    "detail_starts_with",
+}
+READING_KEYS = {"sensor_id", "plant_id", "parameter", "value", "unit", "quality"}
+OPTIONAL_READING_KEYS = {"timestamp", "quality_reasons"}
+
 PATTERN = "plant/{plantId}/{sensorId}/{parameter}"
 JSON = Subscription(topic="#")
 NUMBER = Subscription(topic="plant/#", format="number", pattern=PATTERN, unit="mg/L")
@@ -30,138 +66,91 @@ REASONS = {
 }  # fmt: skip
 
 
-def reading(**kw: object) -> bytes:
-    d = {"sensorId": "ph-01", "plantId": "north", "parameter": "pH", "value": 7.2, "unit": "pH"}
-    d.update(kw)
-    return json.dumps({k: v for k, v in d.items() if v is not ...}).encode()
+def _load_case_file(path: Path) -> tuple[Subscription, int, float, list[dict[str, Any]]]:
+    data = tomllib.loads(path.read_text())
+    assert set(data) == {"received_at", "mqtt", "case"}, f"{path.name}: unknown top-level keys"
+    config = MqttConfig.from_toml(data["mqtt"], source=path)
+    (subscription,) = config.subscriptions
+    return subscription, config.max_payload_bytes, data["received_at"], data["case"]
 
 
-def parse(sub: Subscription, topic: str, payload: bytes) -> list[Reading] | Rejection:
-    return parse_message(topic, payload, sub, max_payload_bytes=1024, received_at=T0)
+def _cases() -> list[Any]:
+    params = []
+    for path in CASE_FILES:
+        sub, max_bytes, received_at, cases = _load_case_file(path)
+        params += [
+            pytest.param(sub, max_bytes, received_at, c, id=f"{path.stem}/{c['name']}")
+            for c in cases
+        ]
+    return params
 
 
-ACCEPTED = [
-    # (subscription, topic, payload, expected (sensor, plant, parameter, value, unit, quality))
-    (JSON, "readings/x", reading(), [("ph-01", "north", "pH", 7.2, "pH", "good")]),
-    (
-        JSON,
-        "readings/x",
-        b"[" + reading() + b"," + reading(sensorId="ph-02", value=6) + b"]",
-        [("ph-01", "north", "pH", 7.2, "pH", "good"), ("ph-02", "north", "pH", 6.0, "pH", "good")],
-    ),
-    (JSON, "readings/x", reading(plantId=...), [("ph-01", "default", "pH", 7.2, "pH", "good")]),
-    (JSON, "readings/x", reading(value=None), [("ph-01", "north", "pH", None, "pH", "bad")]),
-    (JSON, "r/x", reading(value=float("nan")), [("ph-01", "north", "pH", None, "pH", "bad")]),
-    (JSON, "r/x", reading(quality="uncertain"), [("ph-01", "north", "pH", 7.2, "pH", "uncertain")]),
-    (NUMBER, "plant/p1/bod-3/BOD", b"12.5", [("bod-3", "p1", "BOD", 12.5, "mg/L", "good")]),
-    (NUMBER, "plant/p1/bod-3/BOD", b" -4e2\n", [("bod-3", "p1", "BOD", -400.0, "mg/L", "good")]),
-    (NUMBER, "plant/p1/bod-3/BOD", b"NaN", [("bod-3", "p1", "BOD", None, "mg/L", "bad")]),
-    (NUMBER, "plant/p1/bod-3/BOD", b"1e999", [("bod-3", "p1", "BOD", None, "mg/L", "bad")]),
-    (FIXED, "line1/ph", b"7", [("ph-01", "north", "pH", 7.0, "", "good")]),
-    (
-        ISA95,
-        "site/s1/tss-1/TSS",
-        b'{"ts": "2026-05-01T10:00:00Z", "value": 88, "unit": "mg/L", "quality": "good", "seq": 9}',
-        [("tss-1", "s1", "TSS", 88.0, "mg/L", "good")],
-    ),
-    (ISA95, "site/s/t1/TSS", b'{"value":3,"quality":"bad"}', [("t1", "s", "TSS", 3.0, "", "bad")]),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(("sub", "topic", "payload", "expected"), ACCEPTED)
-def test_accepted_payloads_become_readings(sub, topic, payload, expected):
-    result = parse(sub, topic, payload)
+def check_payload_case(
+    sub: Subscription, max_bytes: int, received_at: float, case: dict[str, Any]
+) -> None:
+    assert set(case) <= CASE_KEYS, f"unknown case keys {set(case) - CASE_KEYS}"
+    assert ("readings" in case) != ("reject" in case), "a case expects readings or a rejection"
+    if "payload_hex" in case:
+        payload = bytes.fromhex(case["payload_hex"])
+    else:
+        payload = case["payload"].encode()
+    payload *= case.get("repeat", 1)
+    result = parse_message(
+        case["topic"], payload, sub, max_payload_bytes=max_bytes, received_at=received_at
+    )
+    if "reject" in case:
+        assert isinstance(result, Rejection), result
+        assert result.reason == case["reject"], result
+        assert result.detail.startswith(case.get("detail_starts_with", "")), result
+        return
     assert isinstance(result, list), result
-    got = [(r.sensor_id, r.plant_id, r.parameter, r.value, r.unit, r.quality.value) for r in result]
-    assert got == expected
-    for r in result:
+    assert len(result) == len(case["readings"]), result
+    for r, want in zip(result, case["readings"], strict=True):
+        assert READING_KEYS - {"value"} <= set(want) <= READING_KEYS | OPTIONAL_READING_KEYS
+        got = {
+            "sensor_id": r.sensor_id, "plant_id": r.plant_id, "parameter": r.parameter,
+            "value": r.value, "unit": r.unit, "quality": r.quality.value,
+            "timestamp": r.timestamp, "quality_reasons": r.quality_reasons,
+        }  # fmt: skip
+        expected = {"value": None, **want}
+        assert {k: got[k] for k in expected} == expected
         r.to_json()  # every accepted reading can go on the wire
 
 
-def test_timestamps_come_from_the_payload_or_the_time_of_receipt():
-    (a,) = parse(JSON, "readings/x", reading(timestamp="2026-05-01T10:00:00.250Z"))
-    (b,) = parse(ISA95, "site/s/t/TSS", b'{"value": 1, "ts": 1777629600250}')  # epoch ms
-    (c,) = parse(ISA95, "site/s/t/TSS", b'{"value": 1, "ts": 1777629600.25}')  # epoch s
-    (d,) = parse(NUMBER, "plant/p/s/BOD", b"1")
-    assert a.timestamp == b.timestamp == c.timestamp == 1777629600.25
-    assert d.timestamp == T0
-
-
-def test_unusable_values_are_kept_and_say_why():
-    (nan,) = parse(NUMBER, "plant/p/s/BOD", b"nan")
-    (null,) = parse(JSON, "readings/x", reading(value=None))
-    assert (nan.quality, nan.quality_reasons) == (Quality.BAD, ["nan"])
-    assert (null.quality, null.quality_reasons) == (Quality.BAD, ["no_value"])
-
-
-REJECTED = [
-    (JSON, "readings/x", b"{not json", "not_json"),
-    (JSON, "readings/x", b"\xff\xfe\x00garbage", "not_json"),
-    (JSON, "readings/x", b"42", "not_an_object"),
-    (JSON, "readings/x", b"[]", "empty"),
-    (JSON, "readings/x", reading(value="7.2"), "wrong_type"),
-    (JSON, "readings/x", reading(value=True), "wrong_type"),
-    (JSON, "readings/x", reading(value=...), "missing_field"),
-    (JSON, "readings/x", reading(sensorId=...), "missing_field"),
-    (JSON, "readings/x", reading(sensorId=12), "wrong_type"),
-    (JSON, "readings/x", reading(quality="great"), "wrong_type"),
-    (JSON, "readings/x", reading(timestamp="yesterday"), "bad_timestamp"),
-    (JSON, "readings/x", reading(timestamp="2026-05-01T10:00:00"), "bad_timestamp"),
-    (JSON, "readings/x", b"[" + reading() + b", 5]", "not_an_object"),
-    (JSON, "readings/x", b"[" * 100_000, "too_large"),
-    (JSON, "readings/x", b"x" * 1025, "too_large"),
-    (NUMBER, "plant/p1/bod-3", b"12.5", "topic_mismatch"),
-    (NUMBER, "plant/p1/bod-3/BOD/extra", b"12.5", "topic_mismatch"),
-    (NUMBER, "plant/p1//BOD", b"12.5", "topic_mismatch"),
-    (NUMBER, "plant/p1/bod-3/BOD", b"twelve", "not_a_number"),
-    (NUMBER, "plant/p1/bod-3/BOD", b"", "not_a_number"),
-    (NUMBER, "plant/p1/bod-3/BOD", b"1_000", "not_a_number"),
-    (NUMBER, "plant/p1/bod-3/BOD", b"\xc3\xa9", "not_a_number"),
-    (NUMBER, "plant/p1/bod-3/BOD", b'{"value": 1}', "not_a_number"),
-    (ISA95, "site/s1/tss-1/TSS", b'{"ts": 1}', "missing_field"),
-    (ISA95, "site/s1/tss-1/TSS", b'{"value": "88"}', "wrong_type"),
-    (ISA95, "site/s1/tss-1/TSS", b'{"value": 1, "unit": 5}', "wrong_type"),
-    (ISA95, "site/s1/tss-1/TSS", b'{"value": 1, "seq": "a"}', "wrong_type"),
-    (ISA95, "site/s1/tss-1/TSS", b'{"value": 1, "quality": 192}', "wrong_type"),
-    (ISA95, "site/s1/tss-1/TSS", b'{"value": 1, "ts": 1e300}', "bad_timestamp"),
-    (ISA95, "site/s1/tss-1/TSS", b'{"value": 1, "ts": [1]}', "bad_timestamp"),
-    (ISA95, "site/s1/tss-1/TSS", b"[1, 2]", "not_an_object"),
-]
-
-
-@pytest.mark.parametrize(("sub", "topic", "payload", "reason"), REJECTED)
-def test_malformed_payloads_are_rejected_with_a_reason(sub, topic, payload, reason):
-    result = parse(sub, topic, payload)
-    assert isinstance(result, Rejection), result
-    assert result.reason == reason
-
-
-def test_one_bad_item_rejects_the_whole_array_and_names_it():
-    result = parse(JSON, "readings/x", b"[" + reading() + b"," + reading(value="x") + b"]")
-    assert isinstance(result, Rejection)
-    assert (result.reason, result.detail.split(":")[0]) == ("wrong_type", "item 1")
+@pytest.mark.parametrize(("sub", "max_bytes", "received_at", "case"), _cases())
+def test_payload_cases(sub, max_bytes, received_at, case):
+    check_payload_case(sub, max_bytes, received_at, case)
 
 
 @pytest.mark.parametrize(
-    ("table", "key"),
+    ("file", "name", "change"),
     [
-        ({"subscriptions": [{"topic": "a/#", "format": "xml"}]}, "mqtt.subscriptions[0].format"),
-        ({"subscriptions": [{"topic": "a/#", "qos": 3}]}, "mqtt.subscriptions[0]"),
-        ({"subscriptions": [{"topic": "a/#/b"}]}, "mqtt.subscriptions[0]"),
-        ({"subscriptions": [{"topic": "a/#", "format": "number"}]}, "mqtt.subscriptions[0]"),
+        ("number.toml", "decimal", {"readings": [{"value": 12.0}]}),
+        ("number.toml", "NaN is kept as bad", {"readings": [{"value": 0.0}]}),
         (
-            {"subscriptions": [{"topic": "a/#", "pattern": "a/{plant}/{sensorId}"}]},
-            "mqtt.subscriptions[0]",
+            "number.toml",
+            "nan is kept as bad with reason nan",
+            {"readings": [{"quality_reasons": []}]},
         ),
-        ({"subscriptions": [{"topic": "a/#", "patern": "a"}]}, "mqtt.subscriptions[0].patern"),
-        ({"enabled": True}, "mqtt"),
-        ({"port": 0}, "mqtt"),
+        ("json.toml", "array of two readings", {"readings": [{}]}),
+        ("json.toml", "not json", {"reject": "empty"}),
+        (
+            "json.toml",
+            "one bad item rejects the whole array and names it",
+            {"detail_starts_with": "item 0:"},
+        ),
+        ("isa95.toml", "ts in epoch seconds", {"readings": [{"timestamp": 1777629600.0}]}),
     ],
 )
-def test_config_mistakes_name_the_key(table, key):
-    with pytest.raises(ConfigError) as e:
-        MqttConfig.from_toml(table, source="gw.toml")
-    assert (e.value.source, e.value.key) == ("gw.toml", key)
+def test_a_case_with_a_wrong_expectation_fails(file: str, name: str, change: dict[str, Any]):
+    sub, max_bytes, received_at, cases = _load_case_file(ROOT / "tests" / "cases" / "mqtt" / file)
+    case = next(c for c in cases if c["name"] == name)
+    check_payload_case(sub, max_bytes, received_at, case)
+    wrong = {**case, **change}
+    if "readings" in change:
+        wrong["readings"] = [{**case["readings"][0], **change["readings"][0]}]
+    with pytest.raises(AssertionError):
+        check_payload_case(sub, max_bytes, received_at, wrong)
 
 
 def test_config_resolves_the_password(monkeypatch, tmp_path):

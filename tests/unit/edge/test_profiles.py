@@ -4,6 +4,7 @@ encodes what the decoder reads back; a profile with a mistake is refused with fi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.common.config import ConfigError
 from gateway.common.model import PARAMETERS, Quality
-from gateway.edge.acquire.modbus.profiles import Profile, load_profile
+from gateway.edge.acquire.modbus.profiles import Profile, QualityName, Vector, load_profile
 from gateway.edge.acquire.modbus.registers import decode_profile, plan_reads
 from gateway.edge.acquire.modbus.simulate import SimSlave
 from tests.support.services import ROOT
@@ -46,19 +47,41 @@ def test_shipped_profile_loads_and_names_process_parameters_as_the_gateway_does(
     assert all(v.unit for v in profile.values)
 
 
+def _check_vector(profile: Profile, vec: Vector) -> None:
+    """Assert that ``vec``'s register image decodes to its expected numbers, reasons and quality."""
+    decoded = {d.spec.name: d for d in decode_profile(profile, vec.image())}
+    for name, number in vec.expect.items():
+        got = decoded[name].number
+        assert got is not None and math.isclose(got, number, rel_tol=1e-6), (vec.name, name)
+    for name in vec.unusable:
+        assert decoded[name].number is None and decoded[name].quality is Quality.BAD
+    for name, reasons in vec.reasons.items():
+        assert set(decoded[name].reasons) == set(reasons), (vec.name, name)
+        assert (decoded[name].quality is Quality.GOOD) == (not reasons)
+    for name, quality in vec.quality.items():
+        assert decoded[name].quality is Quality(quality), (vec.name, name, decoded[name].quality)
+
+
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_shipped_vectors_decode_to_their_expected_values(path: Path) -> None:
     profile = load_profile(path)
     for vec in profile.vectors:
-        decoded = {d.spec.name: d for d in decode_profile(profile, vec.image())}
-        for name, number in vec.expect.items():
-            got = decoded[name].number
-            assert got is not None and math.isclose(got, number, rel_tol=1e-6), (vec.name, name)
-        for name in vec.unusable:
-            assert decoded[name].number is None and decoded[name].quality is Quality.BAD
-        for name, reasons in vec.reasons.items():
-            assert set(decoded[name].reasons) == set(reasons), (vec.name, name)
-            assert (decoded[name].quality is Quality.GOOD) == (not reasons)
+        _check_vector(profile, vec)
+
+
+def test_a_vector_expecting_the_wrong_quality_fails_the_check() -> None:
+    profile = _load("sonde-float32-cdab.toml")
+    vec = next(v for v in profile.vectors if v.name == "pH offline, conductivity uncertain")
+    # conductivity's quality word reads 1 (uncertain); its reasons alone cannot tell that from bad
+    _check_vector(profile, replace(vec, quality={"conductivity": "uncertain", "ph": "bad"}))
+    wrongs: list[dict[str, QualityName]] = [
+        {"conductivity": "bad"},
+        {"ph": "uncertain"},
+        {"tds": "bad"},
+    ]
+    for wrong in wrongs:
+        with pytest.raises(AssertionError, match=next(iter(wrong))):
+            _check_vector(profile, replace(vec, quality=wrong))
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
@@ -164,6 +187,18 @@ unit = "°C"
             ("", ""),
             "status[0]",
             "does not fit uint16",
+        ),
+        (
+            '[[vectors]]\nname = "v"\nholding = [700]\nquality = { ph = "fine" }\n',
+            ("", ""),
+            "vectors[0].quality.ph",
+            "one of 'good', 'uncertain', 'bad', got 'fine'",
+        ),
+        (
+            '[[vectors]]\nname = "v"\nholding = [700]\nquality = { pH = "good" }\n',
+            ("", ""),
+            "vectors[0]",
+            "not ['pH']",
         ),
     ],
 )

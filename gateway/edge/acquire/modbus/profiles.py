@@ -2,8 +2,9 @@
 
 The Modbus engine polls and decodes a probe from its profile alone and the simulator serves the same
 profile, so adding a probe needs no code. ``load_profile`` rejects a profile with a mistake
-(unknown type or word order, overlapping registers, missing unit, both scale and decimals register)
-with a ConfigError naming the file, the key and what was expected.
+(unknown type or word order, overlapping registers, missing unit, both scale and decimals register,
+an unknown quality in a test vector) with a ConfigError naming the file, the key and what was
+expected.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Vector:
     expect: dict[str, float] = field(default_factory=dict)  # value name -> number
     unusable: list[str] = field(default_factory=list)  # values that must decode to None
     reasons: dict[str, list[str]] = field(default_factory=dict)  # value name -> quality reasons
+    quality: dict[str, QualityName] = field(default_factory=dict)  # value name -> quality level
 
     def image(self) -> dict[tuple[str, int], int]:
         img = {("holding", self.holding_start + i): r for i, r in enumerate(self.holding)}
@@ -227,7 +229,8 @@ def _layout_errors(p: Profile) -> tuple[str, str] | None:
                 if unknown:
                     return f"{key}.affects", f"value names ({', '.join(names)}), not {unknown}"
     for i, vec in enumerate(p.vectors):
-        unknown = sorted((set(vec.expect) | set(vec.unusable) | set(vec.reasons)) - set(names))
+        pinned = set(vec.expect) | set(vec.unusable) | set(vec.reasons) | set(vec.quality)
+        unknown = sorted(pinned - set(names))
         if unknown:
             return f"vectors[{i}]", f"value names ({', '.join(names)}), not {unknown}"
     return None
