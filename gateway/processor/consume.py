@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -31,12 +32,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from gateway.common.alarms import AlarmEngine
 from gateway.common.metrics import Metrics
-from gateway.common.model import Quality, Rejection
+from gateway.common.model import AlarmEvent, Quality, Reading, Rejection
 from gateway.common.supervise import Heartbeat
 from gateway.common.validate import Validator
-from gateway.processor.aggregate import Outcome, PartitionWindows
+from gateway.processor.aggregate import Outcome, PartitionWindows, WindowAggregate
 from gateway.processor.checkpoint import Checkpoints, Key
 from gateway.processor.codec import decode_keeping_ts, reading_json
+from gateway.processor.events import Listener
 from gateway.processor.publish import HEADERS, Publisher, PublishFailed
 from gateway.processor.store import InfluxStore, alarm_line, reading_line, window_line
 from gateway.processor.writer import Batch, Observer, SinkWriter
@@ -78,6 +80,7 @@ class RawConsumer:
         store: InfluxStore,
         metrics: Metrics,
         observer: Observer | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
         self.config = config
         self.validator = validator
@@ -85,6 +88,7 @@ class RawConsumer:
         self.store = store
         self.metrics = metrics
         self.observer = observer  # told when each batch is done (the bench measures latency)
+        self.listeners = list(listeners)  # told what each batch produced (predictions, live feed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._kafka_conf = kafka_conf
@@ -281,6 +285,10 @@ class RawConsumer:
         raised: Counter[tuple[str, str]] = Counter()
         touched: set[_Key] = set()
         check, evaluate = self.validator.check, self.alarms.evaluate
+        listening = bool(self.listeners)
+        seen: list[Reading] = []
+        alerted: list[AlarmEvent] = []
+        closed: list[WindowAggregate] = []
         last: _Key | None = None
         pw: PartitionWindows | None = None
         topic_plant = ""
@@ -335,6 +343,9 @@ class RawConsumer:
                 n_validated += 1
             except BufferError:
                 send(delivery, validated, value, plant_key)
+            if listening:
+                seen.append(r)
+                alerted.extend(events)
             for e in events:
                 lines.append(alarm_line(e))
                 send(delivery, alerts, orjson.dumps(e.to_dict()), plant_key)
@@ -359,6 +370,8 @@ class RawConsumer:
             if key in self._caught_up:
                 pw.flush_idle(now)
             for w in pw.take_closed():
+                if listening:
+                    closed.append(w)
                 touched.add(key)
                 batch.window_lines.append(window_line(w))
                 send(delivery, c.aggregated_topic, orjson.dumps(w.to_dict()), w.plant_id.encode())
@@ -368,6 +381,11 @@ class RawConsumer:
             if cp is not None:
                 batch.commits.append((key, pw, cp))
         self._count(stats, raised)
+        for listener in self.listeners:
+            try:
+                listener.on_batch(seen, alerted, closed)
+            except Exception:  # a listener's bug must not stop storage
+                log.exception("processor listener %r failed", listener)
         if msgs:
             self.metrics.processing_latency.labels(stage="process").observe(
                 time.perf_counter() - t0
