@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer import Option
 
+from gateway.cli.run import run_daemon
 from gateway.common.config import ConfigError
-from gateway.common.logs import configure_logging
 
 if TYPE_CHECKING:  # the service pulls in Kafka and InfluxDB clients: import them only when used
     from gateway.processor.settings import ProcessorSettings
@@ -37,18 +37,9 @@ def run(
     log_level: Annotated[str, Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Consume raw readings until SIGTERM or Ctrl-C: validate, alarm, aggregate, store."""
-    from gateway.common.supervise import StageDied
     from gateway.processor.service import run_until_signalled
 
-    configure_logging(log_level)
-    try:
-        run_until_signalled(config)
-    except ConfigError as e:
-        typer.echo(f"config error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except StageDied as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
+    run_daemon(run_until_signalled, config, log_level, "edge-processor")
 
 
 @app.command("setup-influx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +19,16 @@ def run(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the edge gateway daemon until SIGTERM or Ctrl-C; SIGHUP reloads the config."""
-    from gateway.common.supervise import StageDied
     from gateway.edge.daemon import run_until_signalled
+
+    run_daemon(run_until_signalled, config, log_level, "edge-gateway")
+
+
+def run_daemon(
+    run_until_signalled: Callable[[Path], None], config: Path, log_level: str, name: str
+) -> None:
+    """Run a daemon's signal loop: exit 2 on a config error, 1 when a stage thread died."""
+    from gateway.common.supervise import StageDied
 
     configure_logging(log_level)
     try:
@@ -28,7 +37,7 @@ def run(
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
     except StageDied as e:
-        typer.echo(f"edge-gateway stopped: {e}", err=True)
+        typer.echo(f"{name} stopped: {e}", err=True)
         raise typer.Exit(1) from None
 
 
