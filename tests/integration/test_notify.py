@@ -86,7 +86,7 @@ def test_the_gateway_tells_systemd_ready_watchdog_status_reload_and_stopping(
 def test_the_processor_tells_systemd_ready_watchdog_status_and_stopping(
     kafka_env: dict[str, str], influx_env: dict[str, str], tmp_path: Path, listener: NotifyListener
 ) -> None:
-    processor = Processor(make_dataset(total=10, plants=1), kafka_env, influx_env, tmp_path)
+    processor = Processor(make_dataset(total=200), kafka_env, influx_env, tmp_path)
     processor.http_port = free_port()
     env = {"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": WATCHDOG_USEC}
     try:
