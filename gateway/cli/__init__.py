@@ -48,3 +48,7 @@ app.command("run")(run.run)
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 config_app.command("check")(run.check)
 app.add_typer(config_app, name="config")
+
+from gateway.cli import init  # noqa: E402
+
+app.command("init")(init.init)

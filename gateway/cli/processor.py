@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer import Option
 
+from gateway.cli.run import run_daemon
 from gateway.common.config import ConfigError
 
 if TYPE_CHECKING:  # the service pulls in Kafka and InfluxDB clients: import them only when used
@@ -37,19 +37,9 @@ def run(
     log_level: Annotated[str, Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Consume raw readings until SIGTERM or Ctrl-C: validate, alarm, aggregate, store."""
-    from gateway.processor.service import ConsumerStopped, run_until_signalled
+    from gateway.processor.service import run_until_signalled
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        run_until_signalled(config)
-    except ConfigError as e:
-        typer.echo(f"config error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except ConsumerStopped as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
+    run_daemon(run_until_signalled, config, log_level, "edge-processor")
 
 
 @app.command("setup-influx")

@@ -158,7 +158,9 @@ def build(cls: type[T], data: dict[str, Any], *, source: str | Path, prefix: str
 
 
 def secret(value: str, *, source: str | Path, key: str) -> str:
-    """Resolve a secret reference: ``env:NAME`` or ``file:/path``; plain text is returned as is.
+    """Resolve a secret reference: ``env:NAME``, ``file:/path`` or ``cred:NAME`` (a systemd
+    credential, ``$CREDENTIALS_DIRECTORY/NAME``, from the unit's ``LoadCredential=``); plain text is
+    returned as is. Files are read at every load, so a reload sees a changed password.
 
     Secrets belong in the environment or a credential file, never in the config itself or a log.
     """
@@ -167,6 +169,13 @@ def secret(value: str, *, source: str | Path, key: str) -> str:
         if name not in os.environ:
             raise ConfigError(source, key, f"environment variable {name} is not set")
         return os.environ[name]
+    if value.startswith("cred:"):
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ConfigError(
+                source, key, "cred: needs $CREDENTIALS_DIRECTORY (LoadCredential= in the unit)"
+            )
+        value = "file:" + str(Path(directory) / value[5:])
     if value.startswith("file:"):
         try:
             return Path(value[5:]).read_text().strip()

@@ -1,9 +1,12 @@
-"""Logging that a failing probe or a misbehaving device cannot flood."""
+"""Logging for both daemons: journald-friendly under systemd, and rate-limited where a failing
+probe or a misbehaving device could flood it."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import threading
 import time
 
@@ -28,3 +31,42 @@ class RateLimitedLog:
         if suppressed:
             msg += f" ({suppressed} more like this suppressed)"
         self._logger.warning(msg, *args)
+
+
+# syslog priorities, which journald reads from a "<N>" prefix on each line of a service's stderr.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>logger: message``: journald stores the level (``journalctl -p warning`` works) and its
+    own timestamp, so the line carries neither."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITY.get(record.levelno, 2 if record.levelno > logging.ERROR else 6)
+        text = super().format(record)
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+def under_journald() -> bool:
+    """True when stderr is the journal stream systemd gave us (``$JOURNAL_STREAM`` names it)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    if ":" not in stream:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def configure_logging(level: str) -> None:
+    """Root logging for a daemon: journald priorities under systemd, timestamps elsewhere."""
+    handler = logging.StreamHandler()
+    if under_journald():
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

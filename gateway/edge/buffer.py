@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Reading, Record
 from gateway.common.stage import Health, OnDurable, SinkClosed, submit_and_wait
+from gateway.common.supervise import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class Buffer:
         self._deletes: list[_Delete] = []
         self._closing = False
         self._writer: threading.Thread | None = None
+        self._writer_beat = Heartbeat("buffer writer")
+        self._maintainer_beat = Heartbeat("buffer maintenance")
         self._read_lock = threading.Lock()
         self._plants: Counter[str] = Counter()
         self._rows = 0
@@ -135,6 +138,8 @@ class Buffer:
             target=self._maintain, name="buffer-maintenance", daemon=True
         )
         self._maintainer.start()
+        self._writer_beat.watch(self._writer)
+        self._maintainer_beat.watch(self._maintainer)
 
     def stop(self) -> None:
         """Commit everything queued (beyond the bound if need be: it is only in memory), close."""
@@ -301,6 +306,9 @@ class Buffer:
         with self._lock:
             return self._committed.wait_for(lambda: self.last_id > after_id, timeout)
 
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self._writer_beat, self._maintainer_beat]
+
     def stats(self) -> dict[str, Any]:
         return {"rows": self._rows, "bytes": self._bytes, "queued": self._queued}
 
@@ -323,6 +331,7 @@ class Buffer:
         last_commit = 0.0
         try:
             while (work := self._take(last_commit)) is not None:
+                self._writer_beat.beat()
                 if work[0] or work[1]:
                     self._commit_retrying(*work)
                     last_commit = time.monotonic()
@@ -551,6 +560,7 @@ class Buffer:
         con = self._connect()
         try:
             while not self._stopped.wait(1.0):
+                self._maintainer_beat.beat()
                 try:
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)")
                     self._refresh_gauges(con)

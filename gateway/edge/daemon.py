@@ -9,15 +9,16 @@ it sent; the buffer commits what it still holds and closes.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-from collections.abc import Callable
+import time
 from pathlib import Path
+from typing import Any
 
 from gateway.common.alarms import AlarmEngine
 from gateway.common.config import ConfigError
 from gateway.common.http import HttpServer
 from gateway.common.metrics import Metrics
+from gateway.common.notify import Notifier
+from gateway.common.supervise import Heartbeat, Signals, Supervisor, reloading_fields
 from gateway.common.validate import Validator
 from gateway.edge.acquire.http import HttpIngest
 from gateway.edge.acquire.modbus.engine import ModbusEngine
@@ -63,6 +64,7 @@ class GatewayDaemon:
             else None
         )
         self.http = HttpServer(config.http, self.metrics)
+        self._last_count = (time.monotonic(), 0)
         HttpIngest(config.http, self.intake.sink_for("http"), self.metrics, gw.plant_id).attach(
             self.http
         )
@@ -101,40 +103,60 @@ class GatewayDaemon:
         self.buffer.stop()
         self.dead_letters.close()
 
+    # -- supervision ---------------------------------------------------------------------------
 
-def run_until_signalled(config_path: str | Path) -> None:
-    """Run until SIGTERM or SIGINT. SIGHUP reloads: the file is read and checked again, and only
-    if it is good are the stages stopped (in order, nothing lost) and started anew with it; a bad
-    file is logged and the running gateway carries on. Fixed Kafka credentials need no restart.
+    def heartbeats(self) -> list[Heartbeat]:
+        stages: list[Any] = [self.buffer, self.forwarder, self.modbus]
+        if self.mqtt is not None:
+            stages.append(self.mqtt)
+        return [hb for stage in stages for hb in stage.heartbeats()]
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=: readings/s, buffer depth, Kafka link, silent probes."""
+        now, received = time.monotonic(), self.intake.received
+        rate = (received - self._last_count[1]) / max(now - self._last_count[0], 1e-3)
+        self._last_count = (now, received)
+        kafka_ok, kafka = self.forwarder.health()
+        link = "Kafka ok" if kafka_ok else f"Kafka down ({kafka.get('error', '')[:60]})"
+        devices = self.modbus.devices()
+        silent = sum(d["status"] != "healthy" for d in devices.values())
+        return (
+            f"{rate:.0f} readings/s, buffer {self.buffer.stats()['rows']} rows, {link}, "
+            f"probes silent {silent}/{len(devices)}"
+        )
+
+
+def run_until_signalled(config_path: str | Path, notifier: Notifier | None = None) -> None:
+    """Run until SIGTERM or SIGINT, speaking systemd's notify protocol. SIGHUP reloads: the file is
+    read and checked again, and only if it is good are the stages stopped (in order, nothing lost)
+    and started anew with it; a bad file is logged and the running gateway carries on. A stage
+    thread that dies ends the daemon with StageDied (systemd restarts it); a wedged one stops the
+    watchdog pings.
     """
-    wake, stop, reload = threading.Event(), threading.Event(), threading.Event()
-
-    def on_signal(flag: threading.Event) -> Callable[..., None]:
-        def handler(*_: object) -> None:
-            flag.set()
-            wake.set()
-
-        return handler
-
-    signal.signal(signal.SIGTERM, on_signal(stop))
-    signal.signal(signal.SIGINT, on_signal(stop))
-    signal.signal(signal.SIGHUP, on_signal(reload))
+    notify = notifier if notifier is not None else Notifier()
+    signals = Signals()
     daemon = GatewayDaemon(load_gateway_config(config_path))
     daemon.start()
+    supervisor = Supervisor(lambda: daemon.heartbeats(), lambda: daemon.status(), notify)
+    notify.send("READY=1", f"STATUS={daemon.status()}")
     try:
-        while not stop.is_set():
-            wake.wait()
-            wake.clear()
-            if reload.is_set() and not stop.is_set():
-                reload.clear()
+        while not signals.stop.is_set():
+            signals.wait(supervisor.interval)
+            if signals.take_reload():
+                notify.send(*reloading_fields())
                 try:
                     config = load_gateway_config(config_path)
                 except ConfigError as e:
                     log.error("reload refused, the running configuration stays: %s", e)
+                    notify.send("READY=1", f"STATUS=reload refused: {str(e)[:200]}")
                     continue
                 log.info("reloading %s", config_path)
                 daemon.stop()
                 daemon = GatewayDaemon(config)
                 daemon.start()
+                notify.send("READY=1", f"STATUS={daemon.status()}")
+            elif not signals.stop.is_set():
+                supervisor.tick()
     finally:
+        notify.send("STOPPING=1")
         daemon.stop()

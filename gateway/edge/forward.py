@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from gateway.common.kafka import KafkaConnection
 from gateway.common.metrics import Metrics
 from gateway.common.stage import Health
+from gateway.common.supervise import Heartbeat
 from gateway.edge.buffer import Buffer, BufferClosed, Row
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Forwarder:
         self.metrics = metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat = Heartbeat("kafka forwarder")
         self._producer: Producer | None = None
         self._topics: dict[str, str] = {}  # plant id -> readings topic
         self._observed = 0.0  # commit time of the last latency observed
@@ -125,6 +127,7 @@ class Forwarder:
         self._producer = self._make_producer()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
         self._thread.start()
+        self._beat.watch(self._thread)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop producing, wait up to ``timeout`` for outstanding confirmations, close.
@@ -137,6 +140,9 @@ class Forwarder:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self._beat]
 
     def _make_producer(self) -> Producer:
         conf = self.config.producer_config()
@@ -164,6 +170,7 @@ class Forwarder:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                self._beat.beat()
                 if self._rewind_to is not None:
                     self._recover()
                     continue

@@ -25,6 +25,7 @@ class Intake:
         self._metrics = metrics
         self._process = process
         self._counters: dict[tuple[str, str], Any] = {}
+        self.received = 0  # readings made durable since start, for the daemon's status line
 
     def sink_for(self, source: str) -> Sink:
         """The sink a source named ``source`` (the metric's label) hands its records to."""
@@ -45,10 +46,12 @@ class Intake:
         else:
             out = list(records)
         per_plant = Counter(r.plant_id for r in readings)
+        n = len(readings)
 
         def durable() -> None:
-            for plant, n in per_plant.items():
-                self._received(source, plant).inc(n)
+            self.received += n
+            for plant, count in per_plant.items():
+                self._received(source, plant).inc(count)
             if on_durable is not None:
                 on_durable()
 

@@ -33,6 +33,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from gateway.common.alarms import AlarmEngine
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Quality, Reading, Rejection
+from gateway.common.supervise import Heartbeat
 from gateway.common.validate import Validator
 from gateway.processor.aggregate import Outcome, PartitionWindows, WindowAggregate
 from gateway.processor.checkpoint import Checkpoints, Key
@@ -102,19 +103,26 @@ class RawConsumer:
         self._consumer: Consumer | None = None
         self._publisher: Publisher | None = None
         self._writer: SinkWriter | None = None
+        self._beat = Heartbeat("kafka consumer")
         self.running = False
         self.crashed: BaseException | None = None
+        self.consumed = 0  # readings taken from Kafka since start, for the status line
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="processor-consume", daemon=True)
         self._thread.start()
+        self._beat.watch(self._thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        writer = self._writer
+        return [self._beat, *(writer.heartbeats() if writer is not None else [])]
 
     def _consumer_conf(self) -> dict[str, Any]:
         c = self.config
@@ -160,6 +168,7 @@ class RawConsumer:
             self.running = True
             try:
                 while not self._stop.is_set():
+                    self._beat.beat()
                     if writer.crashed is not None:
                         raise RuntimeError(f"sink writer stopped: {writer.crashed!r}")
                     msgs = self._take(consumer)
@@ -387,6 +396,7 @@ class RawConsumer:
         m = self.metrics
         for plant, (received, good, uncertain, bad, late, duplicate) in stats.items():
             m.messages_received.labels(source="kafka", plant_id=plant).inc(received)
+            self.consumed += received
             for status, n in (("good", good), ("uncertain", uncertain), ("bad", bad)):
                 if n:
                     m.messages_processed.labels(status=status, plant_id=plant).inc(n)
@@ -407,6 +417,7 @@ class RawConsumer:
             return True
         self._pause()
         while not self._writer.put(batch, timeout=0.2):
+            self._beat.beat()  # waiting on a down sink is progress: rebalances are served
             if self._stop.is_set() or self._writer.crashed is not None:
                 return False
             self._commit_done()

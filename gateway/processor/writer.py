@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.common.metrics import Metrics
+from gateway.common.supervise import Heartbeat
 from gateway.processor.aggregate import CommitPoint, PartitionWindows
 from gateway.processor.publish import Delivery, Publisher, PublishFailed
 from gateway.processor.store import InfluxStore, StoreUnavailable
@@ -83,6 +84,7 @@ class SinkWriter:
         self._closing = threading.Event()
         self._abandon = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat = Heartbeat("influxdb writer")
         # For /health: when a sink started failing, and why.
         self.down_since: float | None = None
         self.last_error = ""
@@ -93,6 +95,10 @@ class SinkWriter:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="processor-sinks", daemon=True)
         self._thread.start()
+        self._beat.watch(self._thread)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self._beat]
 
     def put(self, batch: Batch, timeout: float) -> bool:
         """Queue a batch; False if there was no room for it for ``timeout`` seconds."""
@@ -142,6 +148,7 @@ class SinkWriter:
     def _run(self) -> None:
         try:
             while not self._abandon.is_set():
+                self._beat.beat()
                 group = self._next_group()
                 if group is None:
                     if self._closing.is_set():
@@ -193,6 +200,7 @@ class SinkWriter:
                 if self.down_since is None:
                     self.down_since = time.time()
                     log.error("sink down, consumption pauses when the queue is full: %s", e)
+                self._beat.beat()  # retrying a down sink is progress, not a wedge
                 if self._abandon.wait(min(self.retry_max, 0.2 * 2 ** min(attempt, 10))):
                     return False
                 attempt += 1

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # A private CA and a server certificate for 127.0.0.1/localhost, shared by Mosquitto's and Kafka's
 # TLS listeners. Generated once per var/ and reused.
 

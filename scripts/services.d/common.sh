@@ -1,11 +1,16 @@
+# shellcheck shell=bash
 # Shared helpers for scripts/services. Sourced, never run.
 # Each service file services.d/<name>.sh defines <name>_install, <name>_up, <name>_down and
 # <name>_status; <name>_up writes the variables its clients need to $VAR/<name>/env.
 
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 VAR=${EDGE_VAR:-$ROOT/var}
-CACHE=${EDGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-gateway}
-CERTS=$VAR/certs
+# CACHE and CERTS are for the service files that source this one.
+# shellcheck disable=SC2034
+{
+  CACHE=${EDGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-gateway}
+  CERTS=$VAR/certs
+}
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # InfluxDB 2.7 OSS (influxd) built from source, for tests and the demo. Sourced after common.sh.
 #
 # Build recipe (what influxdb_install does on a clean machine; nothing but the Go module proxy,

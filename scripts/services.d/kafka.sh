@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Apache Kafka 4.x, one KRaft node (broker + controller), for the tests and the demo.
 # Sourced after common.sh. The jars come from Maven Central through scripts/kafka/pom.xml.
 #

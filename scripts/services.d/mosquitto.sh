@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Eclipse Mosquitto from Debian, with auth on, anonymous off, a plain and a TLS listener.
 
 MQTT_PORT=${MQTT_PORT:-11883}

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # socat makes the pseudo-terminal pairs that carry Modbus RTU frames to simulated probes. Nothing
 # runs until a test or the demo asks for a pair.
 

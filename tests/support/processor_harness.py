@@ -237,8 +237,11 @@ token = "env:INFLUXDB_TOKEN"
         )
         return path
 
-    def start(self, http_port: int | None = None) -> subprocess.Popen[bytes]:
-        """Another instance; ``http_port`` serves its HTTP elsewhere than the run's."""
+    def start(
+        self, http_port: int | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Another instance; ``http_port`` serves its HTTP elsewhere than the run's, ``env`` adds
+        to its environment."""
         config = self.workdir / "processor.toml"
         if http_port is not None:
             config = self.write_config(http_port)
@@ -246,7 +249,12 @@ token = "env:INFLUXDB_TOKEN"
             self.write_config()
         n = len(self.procs)
         log = (self.workdir / f"processor-{n}.log").open("wb")
-        env = {**os.environ, "INFLUXDB_TOKEN": self.influx["INFLUXDB_TOKEN"], **self.env}
+        env = {
+            **os.environ,
+            "INFLUXDB_TOKEN": self.influx["INFLUXDB_TOKEN"],
+            **self.env,
+            **(env or {}),
+        }
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "processor", "run", "--config", str(config)],
             cwd=ROOT,

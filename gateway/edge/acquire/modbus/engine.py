@@ -29,6 +29,7 @@ from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Quality, Reading, Record, now_ts
 from gateway.common.stage import Health, Sink
+from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.modbus.frames import (
     ModbusError,
     parse_read_response,
@@ -255,12 +256,14 @@ class BusWorker:
         self._log = RateLimitedLog(log, 60.0)  # a dead probe fails every poll
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"modbus {bus.label}", daemon=True)
+        self.heartbeat = Heartbeat(f"modbus {bus.label} poll loop")
 
     def start(self) -> None:
         now = time.monotonic()
         for dev in self.bus.devices:
             dev.next_due = now
         self._thread.start()
+        self.heartbeat.watch(self._thread)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -271,10 +274,11 @@ class BusWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set() and self.bus.devices:
+            self.heartbeat.beat()
             dev = min(self.bus.devices, key=lambda d: d.next_due)
             wait = dev.next_due - time.monotonic()
             if wait > 0:
-                self._stop.wait(wait)
+                self._stop.wait(min(wait, 1.0))  # beat at least every second while idle
                 continue
             try:
                 self._poll(dev)
@@ -418,6 +422,9 @@ class ModbusEngine:
                         timeout: float = 1.0) -> None:  # fmt: skip
         parse = partial(parse_write_response, address=address, count=len(values))
         self.workers[bus].request(unit, write_request(address, values), timeout, parse)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [w.heartbeat for w in self.workers.values()]
 
     def health(self) -> Health:
         """Healthy while every probe answers; the detail names the silent ones and why."""

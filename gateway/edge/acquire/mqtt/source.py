@@ -30,6 +30,7 @@ from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Record, Rejection
 from gateway.common.stage import Health, Sink
+from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
 from gateway.edge.deadletter import DeadLetterStore
 
@@ -119,6 +120,7 @@ class MqttSource:
         self._pending = 0  # handed to the sink, not yet durable
         self._unsubacked: set[int] = set()  # mids of answered ack barriers (see _confirm_acks)
         self.last_error = ""  # for /health details
+        self._beat = Heartbeat("mqtt network loop", progress=False)
         self._sub_cache: dict[str, Subscription | None] = {}
 
     # -- lifecycle
@@ -151,6 +153,8 @@ class MqttSource:
         # connect_async + loop_start: the first connection is retried with back-off like later ones.
         client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props)
         client.loop_start()
+        # paho's network thread: not ours to instrument, so only watched for being alive.
+        self._beat.watch(getattr(client, "_thread", None))
 
     def stop(self, drain_timeout: float = 5.0, ack_timeout: float = 5.0) -> None:
         """Stop taking messages, wait up to ``drain_timeout`` for those in the sink to become
@@ -193,6 +197,9 @@ class MqttSource:
             self._unsubacked.clear()
         if not confirmed:
             log.warning("MQTT broker did not confirm the last acks; some may be redelivered")
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self._beat]
 
     def health(self) -> Health:
         """Healthy while connected and the broker accepted every subscription."""
