@@ -25,6 +25,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, To
 
 from gateway.common.logs import RateLimitedLog
 from gateway.common.model import AlarmEvent
+from gateway.common.supervise import Heartbeat
 from gateway.processor.aggregate import WindowAggregate
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,16 @@ class TopicFollower:
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat = Heartbeat("live feed follower", progress=False)
         self._bad = RateLimitedLog(log, 60.0)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="live-follow", daemon=True)
         self._thread.start()
+        self._beat.watch(self._thread)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self._beat]
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

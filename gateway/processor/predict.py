@@ -41,6 +41,7 @@ from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Prediction, Reading
 from gateway.common.stage import Health
+from gateway.common.supervise import Heartbeat
 from gateway.processor.aggregate import WindowAggregate, aggregatable, window_start
 from gateway.processor.estimator import (
     INPUT_DEFAULTS,
@@ -188,6 +189,7 @@ class Predictor:
         self._abandon = threading.Event()  # stop retrying the sinks
         self._started = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat = Heartbeat("predictor", progress=False)
         self._sink = ThreadPoolExecutor(1, thread_name_prefix="predict-sink")
         self._sink_pending = 0
         self._sink_lock = threading.Lock()
@@ -213,7 +215,11 @@ class Predictor:
         self._publisher = Publisher(self._kafka_conf, self.metrics, self._abandon)
         self._thread = threading.Thread(target=self._run, name="predict", daemon=True)
         self._thread.start()
+        self._beat.watch(self._thread)
         self._started.wait(10)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self._beat]
 
     def stop(self, timeout: float = 15.0) -> None:
         """Finish the calls under way and what the sinks hold, giving up after ``timeout``, or at

@@ -116,7 +116,11 @@ class ProcessorService:
         self._last_count = (time.monotonic(), 0)
 
     def heartbeats(self) -> list[Heartbeat]:
-        return self.consumer.heartbeats()
+        beats = self.consumer.heartbeats()
+        for stage in (self.predictor, self.follower):
+            if stage is not None:
+                beats.extend(stage.heartbeats())
+        return beats
 
     def status(self) -> str:
         """One line for systemd's STATUS=: readings/s, Kafka and InfluxDB, open windows."""
