@@ -259,6 +259,9 @@ def test_a_dead_stage_thread_ends_the_daemon(
 
     daemon.forwarder._settle = broken  # type: ignore[method-assign]
     wait_until(lambda: daemon.forwarder.heartbeats()[0].dead(), 10, "the forwarder thread to die")
+    died_at = time.monotonic()
     with pytest.raises(StageDied, match="kafka forwarder"):
         sup.tick()
-    assert listener.count("WATCHDOG=1", time.monotonic() - 0.5) == 0
+    time.sleep(0.2)  # the datagram arrives
+    assert listener.count("WATCHDOG=1", died_at) == 0, "no ping once a stage has died"
+    assert any("kafka forwarder died" in s for s in listener.statuses(died_at))
