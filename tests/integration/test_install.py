@@ -32,7 +32,7 @@ SHIPPED = [
 ]
 UNITS = {
     "edge-gateway.service": ["kafka-password", "mqtt-password", "http-token"],
-    "edge-processor.service": ["kafka-password", "influxdb-token"],
+    "edge-processor.service": ["kafka-password", "influxdb-token", "dashboard-token"],
 }
 PYTHON = "/usr/bin/python3"
 
@@ -241,6 +241,7 @@ def test_the_processor_variant_adds_its_unit_and_credentials(
     after = tree_state(root)
     added = sorted(set(after) - set(before))
     assert added == [
+        "etc/edge-gateway/credentials/dashboard-token",
         "etc/edge-gateway/credentials/influxdb-token",
         "usr/lib/systemd/system/edge-processor.service",
     ]
