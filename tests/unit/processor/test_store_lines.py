@@ -35,6 +35,25 @@ def test_tag_and_string_values_are_escaped():
     assert 'unit="p\\"H"' in line and "value=" not in line and 'reasons="timeout"' in line
 
 
+def test_a_newline_in_a_tag_or_string_field_never_splits_the_line():
+    """Line protocol ends a point at a newline: one inside a value would cut the point in two
+    (and let the second half be read as a point of its own)."""
+    r = Reading("s\n1", "pH", 7.0, "p\nH", TS, plant_id="north\r\nx", location="in\nlet")
+    r.flag(Quality.UNCERTAIN, "spike\nx")
+    line = reading_line(r)
+    assert "\n" not in line and "\r" not in line
+    assert line == (
+        "water_quality,location=in\\ let,parameter=pH,plant_id=north\\ \\ x,sensor_id=s\\ 1 "
+        'quality="uncertain",unit="p H",value=7.0,reasons="spike x" 1790000000123'
+    )
+    e = AlarmEvent(
+        "a1", "e1", "b\n1", "north", "BOD", "HH", "critical", "raised", 1.0, 0.5, TS, "two\nlines"
+    )
+    assert "\n" not in alarm_line(e)
+    w = WindowAggregate("north", "BOD", 1_790_000_040, 1, 1.0, 1.0, 1.0, 1.0, TS, "b\n1")
+    assert "\n" not in window_line(w)
+
+
 def test_windows_and_alarms_are_points_too():
     w = WindowAggregate(
         "north",
