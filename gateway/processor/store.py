@@ -78,7 +78,12 @@ class StoreUnavailable(Exception):
 
 # --- line protocol (pure) -------------------------------------------------------------------------
 
-_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\", "\n": " "})
+# Line protocol has no escape for a line break: one would end the point. In tags it becomes an
+# (escaped) space, in string fields a space.
+_TAG_ESCAPES = str.maketrans(
+    {",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\", "\n": r"\ ", "\r": r"\ "}
+)
+_STR_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": " ", "\r": " "})
 
 
 def _tag(value: str) -> str:
@@ -86,7 +91,7 @@ def _tag(value: str) -> str:
 
 
 def _str_field(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+    return '"' + value.translate(_STR_ESCAPES) + '"'
 
 
 def _tags(pairs: Sequence[tuple[str, str]]) -> str:
