@@ -29,8 +29,6 @@ from tests.support.processor_harness import (
     ROOT,
     Processor,
     assert_windows_match_raw,
-    ensure_buckets,
-    influx_config,
     make_dataset,
     produce,
     raw_points,
@@ -39,20 +37,6 @@ from tests.support.processor_harness import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-@pytest.fixture(scope="module")
-def servers(kafka_env, influx_env):
-    env = {**kafka_env, **influx_env}
-    ensure_buckets(env)
-    return env
-
-
-@pytest.fixture
-def influx(servers):
-    cfg = influx_config(servers)
-    with cfg.client() as client:
-        yield client, cfg
 
 
 def _json(msg):

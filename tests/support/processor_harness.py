@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 from influxdb_client import InfluxDBClient
 
 from gateway.common.model import Quality, Reading, format_ts
@@ -64,11 +65,12 @@ class Dataset:
     plants: list[str]
     readings: list[Reading]  # well-formed readings, in event-time order
     odd: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # topic, key, payload
+    odd_stored: int = 1  # odd payloads that still make a raw point (make_dataset's "ERR" one)
 
     @property
     def stored_expected(self) -> int:
-        """Raw points InfluxDB must hold: every reading, plus the string-valued one (bad)."""
-        return len(self.readings) + 1
+        """Raw points InfluxDB must hold: every reading, plus the odd ones stored (bad)."""
+        return len(self.readings) + self.odd_stored
 
     def first_ts(self) -> float:
         return self.readings[0].timestamp
@@ -131,6 +133,13 @@ def raw_topic(plant: str) -> str:
     return f"sensors.raw.{plant}"
 
 
+def create_topic(kafka: dict[str, str], topic: str, partitions: int) -> None:
+    """Create ``topic`` with that many partitions (before anything auto-creates it)."""
+    admin = AdminClient({"bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"]})
+    for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        future.result(30)
+
+
 def produce(
     kafka: dict[str, str],
     data: Dataset,
@@ -138,9 +147,12 @@ def produce(
     seconds: float = 0.0,
     on_progress: Any = None,
     resend_every: int = 0,
+    sent_at: Callable[[Reading], float] | None = None,
 ) -> None:
     """Produce the dataset to the raw topics, keyed by sensorId as the gateway does; paced over
-    ``seconds`` when given. ``on_progress(fraction)`` is called after each chunk.
+    ``seconds`` when given. ``on_progress(fraction)`` is called after each chunk. ``sent_at``
+    gives a reading's Kafka timestamp (the forwarding gateway's clock); by default the producer
+    stamps the time it sends.
 
     ``resend_every``: every so many readings is sent a second time, 40 or 400 messages later, as
     a gateway does after a crash (at least once): a re-sent reading is then in its open window,
@@ -154,20 +166,28 @@ def produce(
         }
     )
     headers = [("content-type", b"application/json"), ("source", b"iot-gateway")]
-    msgs = [(raw_topic(r.plant_id), r.sensor_id.encode(), r.to_json()) for r in data.readings]
+    msgs = [
+        (
+            raw_topic(r.plant_id),
+            r.sensor_id.encode(),
+            r.to_json(),
+            round(sent_at(r) * 1000) if sent_at is not None else 0,
+        )
+        for r in data.readings
+    ]
     if resend_every:
         for i in range(len(msgs) - 1, -1, -resend_every):  # from the end: indexes stay valid
             msgs.insert(min(len(msgs), i + (40 if i % 2 else 400)), msgs[i])
     mid = len(msgs) // 2
-    msgs[mid:mid] = data.odd
+    msgs[mid:mid] = [(topic, key, value, 0) for topic, key, value in data.odd]
     chunks = 50
     size = math.ceil(len(msgs) / chunks)
     t0 = time.monotonic()
     for c in range(chunks):
-        for topic, key, value in msgs[c * size : (c + 1) * size]:
+        for topic, key, value, ts_ms in msgs[c * size : (c + 1) * size]:
             while True:
                 try:
-                    p.produce(topic, value, key or None, headers=headers)
+                    p.produce(topic, value, key or None, headers=headers, timestamp=ts_ms)
                     break
                 except BufferError:
                     p.poll(0.05)
@@ -192,6 +212,8 @@ class Processor:
     workdir: Path
     http_port: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # more keys per config section, e.g. {"validation": {"max_age": 20}}
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def topics(self) -> dict[str, str]:
@@ -224,6 +246,12 @@ org = "{self.influx.get("INFLUXDB_ORG", "plant-ops")}"
 token = "env:INFLUXDB_TOKEN"
 """
         )
+        text = path.read_text()
+        for section, values in self.settings.items():
+            lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+            head = f"[{section}]\n"
+            text = text.replace(head, head + lines) if head in text else text + head + lines
+        path.write_text(text)
         return path
 
     def start(self) -> subprocess.Popen[bytes]:
@@ -297,20 +325,26 @@ def _range(data: Dataset) -> tuple[datetime, datetime]:
     return (datetime.fromtimestamp(t - 3600, UTC), datetime.fromtimestamp(t + 3 * 3600, UTC))
 
 
-def raw_points(client: InfluxDBClient, cfg: InfluxConfig, data: Dataset) -> list[dict[str, Any]]:
-    """Every stored raw point of the run's plants: one row per point with value and quality."""
+def raw_points(
+    client: InfluxDBClient,
+    cfg: InfluxConfig,
+    data: Dataset,
+    fields: tuple[str, ...] = ("value", "quality"),
+) -> list[dict[str, Any]]:
+    """Every stored raw point of the run's plants: one row per point with these fields."""
     start, stop = _range(data)
     flux = """from(bucket: bucketName)
   |> range(start: rangeStart, stop: rangeStop)
   |> filter(fn: (r) => r._measurement == "water_quality")
   |> filter(fn: (r) => contains(value: r.plant_id, set: plants))
-  |> filter(fn: (r) => r._field == "value" or r._field == "quality")
+  |> filter(fn: (r) => contains(value: r._field, set: fields))
   |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")"""
     params = {
         "bucketName": cfg.bucket,
         "rangeStart": start,
         "rangeStop": stop,
         "plants": data.plants,
+        "fields": list(fields),
     }
     tables = client.query_api().query(flux, org=cfg.org, params=params)
     return [rec.values for t in tables for rec in t.records]

@@ -99,6 +99,47 @@ def test_a_timestamp_far_in_the_future_does_not_close_everything():
     pw.add(reading(T0 + 1), 0, NOW)
     assert pw.add(reading(NOW + 86_400), 1, NOW) is Outcome.FUTURE
     assert pw.take_closed() == []
+    # Within max_future (so stored and aggregated): a probe whose clock is 240 s fast must not
+    # close the windows of the plant's on-time sensors either.
+    assert pw.add(reading(T0 + 240, sensor="ph-fast"), 2, NOW) is Outcome.ADDED
+    assert pw.take_closed() == []
+    assert pw.add(reading(T0 + 30), 3, NOW) is Outcome.ADDED
+
+
+def test_one_fast_probe_leaves_the_other_sensors_readings_in_their_windows():
+    """Reproduces the review: a probe 240 s ahead made on-time readings LATE. One sensor, however
+    far ahead, is outvoted: the watermark is the second most advanced sensor's time."""
+    pw = windows()
+    outcomes = []
+    for i in range(150):  # two on-time sensors for 2.5 minutes, a fast one alongside
+        t = T0 + i
+        outcomes.append(pw.add(reading(t, 7.0, sensor="ph-1"), 3 * i, NOW))
+        outcomes.append(
+            pw.add(reading(t + 0.5, 50.0, parameter="BOD", sensor="bod-1"), 3 * i + 1, NOW)
+        )
+        outcomes.append(
+            pw.add(reading(t + 240, 20.0, parameter="temperature", sensor="t-fast"), 3 * i + 2, NOW)
+        )
+    assert set(outcomes) == {Outcome.ADDED}
+    closed = {(w.parameter, w.start): w.count for w in pw.take_closed()}
+    # closed by the on-time sensors' progress (149.5 s): the first two minutes, each complete
+    assert closed == {(p, T0 + m): 60 for p in ("pH", "BOD") for m in (0, 60)}
+    pw.flush_idle(NOW + 1000)
+    counts = {(w.parameter, w.start): w.count for w in pw.take_closed()}
+    assert counts[("pH", T0 + 120)] == counts[("BOD", T0 + 120)] == 30
+    assert sum(n for (p, _), n in counts.items() if p == "temperature") == 150
+
+
+def test_a_reading_flagged_ahead_of_its_gateways_clock_never_moves_the_watermark():
+    """The first reading of a partition may come from the fast probe: flagged by the validator
+    (stale:future), it is aggregated in its own window but closes nobody's."""
+    pw = windows()
+    fast = reading(T0 + 240, sensor="ph-fast")
+    fast.flag(Quality.UNCERTAIN, "stale:future")
+    assert pw.add(fast, 0, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 1), 1, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 30), 2, NOW) is Outcome.ADDED
+    assert pw.take_closed() == []
 
 
 def test_commit_point_is_the_lowest_offset_an_open_window_needs():
