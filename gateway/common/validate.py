@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from gateway.common.model import Quality, Reading
 
 INF = math.inf
+# The reading's time is ahead of the clock that checked it (the gateway's) by more than max_future.
+AHEAD = "stale:future"
 
 # The design's range table; flow_rate has no upper bound.
 DEFAULT_RANGES: dict[str, list[float]] = {
@@ -193,5 +195,12 @@ class Validator:
     def _check_age(self, r: Reading, rules: _Rules, now: float) -> None:
         if rules.max_age and now - r.timestamp > rules.max_age:
             r.flag(Quality.UNCERTAIN, "stale")
-        elif self.config.max_future and r.timestamp - now > self.config.max_future:
-            r.flag(Quality.UNCERTAIN, "stale:future")
+        else:
+            self.check_ahead(r, now)
+
+    def check_ahead(self, r: Reading, clock: float) -> Reading:
+        """Flag a reading stamped more than ``max_future`` ahead of ``clock`` (``AHEAD``): the
+        gateway's clock when it takes the reading, or, centrally, when it sent it to Kafka."""
+        if self.config.max_future and r.timestamp - clock > self.config.max_future:
+            r.flag(Quality.UNCERTAIN, AHEAD)
+        return r

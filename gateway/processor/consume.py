@@ -28,7 +28,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from gateway.common.alarms import AlarmEngine
 from gateway.common.metrics import Metrics
@@ -275,7 +282,8 @@ class RawConsumer:
         quality_slot = {Quality.GOOD: 1, Quality.UNCERTAIN: 2, Quality.BAD: 3}
         raised: Counter[tuple[str, str]] = Counter()
         touched: set[_Key] = set()
-        check, evaluate = self.validator.check, self.alarms.evaluate
+        check, check_ahead = self.validator.check, self.validator.check_ahead
+        evaluate = self.alarms.evaluate
         listening = bool(self.listeners)
         seen: list[Reading] = []
         alerted: list[AlarmEvent] = []
@@ -302,8 +310,9 @@ class RawConsumer:
                 topic_plant = plant_from_topic(topic)
                 self._caught_up.discard(key)
                 touched.add(key)
+            stamp_type, stamp = msg.timestamp()  # the sending gateway's clock (CreateTime)
             if produced is not None:
-                produced.append(msg.timestamp()[1])
+                produced.append(stamp)
             payload = msg.value()
             r, ts_text = decode_keeping_ts(payload, topic_plant)
             if isinstance(r, Rejection):
@@ -324,6 +333,8 @@ class RawConsumer:
                 pw.seen(offset)
                 continue
             check(r, now)
+            if stamp_type != TIMESTAMP_NOT_AVAILABLE:
+                check_ahead(r, stamp / 1000)
             events = evaluate(r)
             lines.append(reading_line(r))
             plant = r.plant_id

@@ -195,3 +195,14 @@ def test_arbitrary_readings_never_raise(items):
         assert r.quality in Quality
         assert r.value is None or math.isfinite(r.value)
         assert r.quality.worst(quality) is r.quality  # quality never improves
+
+
+def test_a_reading_ahead_of_its_gateways_clock_is_flagged_against_that_clock():
+    """Centrally the gateway's clock is the Kafka timestamp it sent the reading with."""
+    v = validator()
+    fast = v.check_ahead(reading(ts=NOW + 240), clock=NOW)
+    assert (fast.quality, fast.quality_reasons) == (UNCERTAIN, ["stale:future"])
+    on_time = v.check_ahead(reading(ts=NOW + 4), clock=NOW)  # within max_future (5 s)
+    assert (on_time.quality, on_time.quality_reasons) == (GOOD, [])
+    old = v.check_ahead(reading(ts=NOW - 3600), clock=NOW)  # a backlog: not the rule's business
+    assert (old.quality, old.quality_reasons) == (GOOD, [])

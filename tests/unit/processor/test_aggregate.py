@@ -184,16 +184,16 @@ def _by_window(ws: list[WindowAggregate]) -> dict:
     return {(w.parameter, w.start): (w.count, w.min, w.max, w.latest, w.sum) for w in ws}
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 599), commit_every=st.integers(1, 50))
-def test_replay_from_the_committed_checkpoint_rebuilds_exactly(seed, crash_at, commit_every):
-    """A crash anywhere, replayed from the last commit, writes the same windows as no crash."""
-    msgs = _stream(seed)
+def _without_crash(msgs: list[Reading]) -> dict:
     ref = windows()
     _feed(ref, msgs)
     ref.flush_idle(NOW + 1000)
-    expected = _by_window(ref.take_closed())
+    return _by_window(ref.take_closed())
 
+
+def _crash_and_replay(msgs: list[Reading], crash_at: int, commit_every: int) -> dict:
+    """The windows written when the processor crashes before message ``crash_at`` and the next
+    run replays from the last commit."""
     written: dict = {}
     pw = windows()
     committed = None
@@ -206,9 +206,46 @@ def test_replay_from_the_committed_checkpoint_rebuilds_exactly(seed, crash_at, c
     restart = windows(checkpoint=committed.metadata if committed else None)
     _feed(restart, msgs, start=committed.offset if committed else 0)
     restart.flush_idle(NOW + 1000)
-    for w in restart.take_closed():
-        written[(w.parameter, w.start)] = _by_window([w])[(w.parameter, w.start)]
-    assert written == expected
+    written.update(_by_window(restart.take_closed()))
+    return written
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 599), commit_every=st.integers(1, 50))
+def test_replay_from_the_committed_checkpoint_rebuilds_exactly(seed, crash_at, commit_every):
+    """A crash anywhere, replayed from the last commit, writes the same windows as no crash."""
+    msgs = _stream(seed)
+    assert _crash_and_replay(msgs, crash_at, commit_every) == _without_crash(msgs)
+
+
+def _stream_with_a_fast_probe(seed: int, n: int = 600) -> list[Reading]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        sensor, ahead = rnd.choice([("ph-1", 0.0), ("ph-2", 0.0), ("ph-fast", 240.0)])
+        ts = T0 + i * 0.5 + ahead + rnd.uniform(-6, 6)
+        out.append(reading(ts, round(rnd.uniform(6, 8), 2), sensor=sensor))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 599), commit_every=st.integers(1, 50))
+def test_replay_with_a_fast_probe_rebuilds_the_same_watermark(seed, crash_at, commit_every):
+    """The watermark's two leading sensors travel in the checkpoint: a crash anywhere, replayed
+    from the last commit, closes the same windows with the same readings as no crash."""
+    msgs = _stream_with_a_fast_probe(seed)
+    assert _crash_and_replay(msgs, crash_at, commit_every) == _without_crash(msgs)
+
+
+def test_a_silent_sensor_leaves_the_vote_once_the_partition_is_read_to_its_end():
+    pw = windows(idle_flush_seconds=30)
+    pw.add(reading(T0 + 1, sensor="ph-1"), 0, now=NOW)  # then goes silent
+    for i in range(5):
+        pw.add(reading(T0 + 5 + 20 * i, sensor="ph-2"), 1 + i, now=NOW + 5 + 20 * i)
+    assert pw.take_closed() == []  # ph-1 holds the watermark at T0 + 1
+    pw.flush_idle(now=NOW + 90)  # ph-1 silent for 90 s: out; ph-2 alone sets it
+    pw.add(reading(T0 + 90, sensor="ph-2"), 6, now=NOW + 90)
+    assert [w.start for w in pw.take_closed()] == [T0]
 
 
 def test_replayed_readings_of_written_windows_are_not_counted_as_late():
@@ -373,18 +410,7 @@ def test_replay_with_resent_readings_rebuilds_the_distinct_aggregates(seed, cras
     """Re-sent readings and a crash anywhere, replayed from the last commit: every window written
     equals the aggregate of the distinct readings it covers."""
     msgs = _resent_stream(seed)
-    written: dict = {}
-    pw = windows()
-    committed = None
-    for off in range(crash_at):
-        pw.add(msgs[off], off, NOW)
-        if off % commit_every == 0:
-            written.update(_by_window(pw.take_closed()))
-            committed = pw.commit_point()
-    restart = windows(checkpoint=committed.metadata if committed else None)
-    _feed(restart, msgs, start=committed.offset if committed else 0)
-    restart.flush_idle(NOW + 1000)
-    written.update(_by_window(restart.take_closed()))
+    written = _crash_and_replay(msgs, crash_at, commit_every)
     expected = _distinct_windows(msgs)
     assert written.keys() == expected.keys()
     for key, (count, lo, hi, _latest, total) in written.items():
