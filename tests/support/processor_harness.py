@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from influxdb_client import InfluxDBClient
 
@@ -216,6 +216,10 @@ class Processor:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
+    def group(self) -> str:
+        return f"edge-processor-test-{self.data.run}"
+
+    @property
     def topics(self) -> dict[str, str]:
         r = self.data.run
         return {k: f"t{r}.{k}" for k in ("validated", "alerts", "aggregated", "deadletter")}
@@ -227,7 +231,7 @@ class Processor:
             f"""
 [processor]
 bootstrap_servers = "{self.kafka["KAFKA_BOOTSTRAP_SERVERS"]}"
-group_id = "edge-processor-test-{self.data.run}"
+group_id = "{self.group}"
 topic_pattern = '^sensors\\.raw\\.p{self.data.run}-.*'
 validated_topic = "{t["validated"]}"
 alerts_topic = "{t["alerts"]}"
@@ -445,6 +449,35 @@ def pytest_approx(v: float) -> Any:
     import pytest
 
     return pytest.approx(v, rel=1e-12, abs=1e-12)
+
+
+def committed_offsets(kafka: dict[str, str], group: str, topic: str) -> dict[int, tuple[int, int]]:
+    """Per partition of ``topic``: the group's committed offset and the partition's end."""
+    c = Consumer({"bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"], "group.id": group})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in parts]
+        return {
+            tp.partition: (tp.offset, c.get_watermark_offsets(tp, timeout=10)[1])
+            for tp in c.committed(tps, timeout=10)
+        }
+    finally:
+        c.close()
+
+
+def wait_committed_to_end(
+    kafka: dict[str, str], group: str, topic: str, proc: Processor, timeout: float = 90.0
+) -> None:
+    """Until the group has committed every partition of ``topic`` up to its end (everything read,
+    stored and its windows closed)."""
+    deadline = time.monotonic() + timeout
+    offsets: dict[int, tuple[int, int]] = {}
+    while time.monotonic() < deadline:
+        offsets = committed_offsets(kafka, group, topic)
+        if offsets and all(committed == end for committed, end in offsets.values()):
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{group} not committed to the end of {topic}: {offsets}\n{proc.logs()}")
 
 
 def read_topic(

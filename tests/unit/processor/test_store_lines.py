@@ -27,6 +27,19 @@ def test_the_same_reading_twice_gives_the_same_point_identity():
     assert reading_line(a) == reading_line(b)
 
 
+def test_every_reading_point_carries_reasons_so_a_rewrite_replaces_them():
+    """InfluxDB merges the fields of a rewritten point: a field left out keeps its old value. A
+    replay that clears a flag must therefore write ``reasons`` empty, not leave it out."""
+    flagged = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north")
+    flagged.flag(Quality.UNCERTAIN, "stale")
+    clean = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north")
+    fields = [reading_line(r).split(" ")[1].split(",") for r in (flagged, clean)]
+    assert [sorted(f.split("=")[0] for f in fs) for fs in fields] == [
+        ["quality", "reasons", "unit", "value"]
+    ] * 2
+    assert 'reasons=""' in fields[1]
+
+
 def test_tag_and_string_values_are_escaped():
     r = Reading('s,1="x"', "pH", None, 'p"H', TS, plant_id="a b=c")
     r.flag(Quality.BAD, "timeout")
