@@ -333,15 +333,17 @@ class PartitionWindows:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def add(self, r: Reading, offset: int, now: float) -> Outcome:
-        """Account one reading at ``offset``; ``now`` is wall time (for idle flush and sanity)."""
+    def add(self, r: Reading, offset: int, now: float, sent: float | None = None) -> Outcome:
+        """Account one reading at ``offset``. ``now`` is wall time (for idle flush); ``sent`` the
+        Kafka timestamp the gateway sent it with, which "too far in the future" is judged
+        against (wall time when unknown), so a replay judges alike."""
         if self.next_offset is None or offset >= self.next_offset:
             self.next_offset = offset + 1
         v = r.value
         if v is None or r.quality is Quality.BAD or not math.isfinite(v):
             return Outcome.SKIPPED
         ts = r.timestamp
-        if ts > now + self.max_future:
+        if ts > (now if sent is None else sent) + self.max_future:
             return Outcome.FUTURE
         seconds = self.seconds
         start = math.floor(ts / seconds) * seconds

@@ -1,8 +1,9 @@
 """The processor's consumer group: raw readings in, validated readings, alarms and windows out.
 
 One thread owns the Kafka consumer. Each turn takes what the partitions have (waiting for a first
-message, then ``batch_linger`` for more, at most ``batch_size``), validates it and checks
-thresholds (the same ``Validator`` and ``AlarmEngine`` as the gateway), feeds the 1-minute windows
+message, then ``batch_linger`` for more, at most ``batch_size``), validates it (the ``Validator``'s
+central checks: a function of the message, Kafka timestamp included, so replays flag alike) and
+checks thresholds (the same ``AlarmEngine`` as the gateway), feeds the 1-minute windows
 of each partition, produces the output messages and hands the batch to the sink writer
 (``sinks``), which writes InfluxDB and waits for Kafka's confirmations while this thread goes on
 with the next batch. Offsets are committed only for batches the writer reports done, all of whose
@@ -282,8 +283,7 @@ class RawConsumer:
         quality_slot = {Quality.GOOD: 1, Quality.UNCERTAIN: 2, Quality.BAD: 3}
         raised: Counter[tuple[str, str]] = Counter()
         touched: set[_Key] = set()
-        check, check_ahead = self.validator.check, self.validator.check_ahead
-        evaluate = self.alarms.evaluate
+        check, evaluate = self.validator.check_central, self.alarms.evaluate
         listening = bool(self.listeners)
         seen: list[Reading] = []
         alerted: list[AlarmEvent] = []
@@ -332,9 +332,8 @@ class RawConsumer:
                 send(delivery, c.dead_letter_topic, payload or b"", msg.key() or b"", headers)
                 pw.seen(offset)
                 continue
-            check(r, now)
-            if stamp_type != TIMESTAMP_NOT_AVAILABLE:
-                check_ahead(r, stamp / 1000)
+            sent = stamp / 1000 if stamp_type != TIMESTAMP_NOT_AVAILABLE else None
+            check(r, sent)
             events = evaluate(r)
             lines.append(reading_line(r))
             plant = r.plant_id
@@ -358,7 +357,7 @@ class RawConsumer:
                 counts = stats[plant] = [0] * 6
             counts[0] += 1
             counts[quality_slot[r.quality]] += 1
-            outcome = pw.add(r, offset, now)
+            outcome = pw.add(r, offset, now, sent)
             if outcome is Outcome.LATE:
                 counts[4] += 1
             elif outcome is Outcome.DUPLICATE:

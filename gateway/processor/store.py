@@ -9,7 +9,8 @@ the client's level 9 costs five times the CPU for a body 20 % smaller, on a mach
 processor shares with Kafka and InfluxDB.
 
 Schema (the design's): measurement ``water_quality``, tags sensor_id, parameter, plant_id,
-location, fields value (float), quality, unit (+ ``reasons`` when there are any); measurement
+location, fields value (float, left out when there is none), quality, unit, reasons (comma
+separated, empty when there are none: always written, so a rewrite replaces them); measurement
 ``alerts`` in the same bucket; windows in bucket ``sensors_1m`` as measurement ``water_quality``
 tagged plant_id, parameter and ``source`` (the Kafka partition whose readings the partial covers).
 """
@@ -135,9 +136,10 @@ def reading_line(r: Reading) -> str:
     v = r.value
     if v is not None and math.isfinite(v):
         line = f"{line},value={float(v)!r}"
-    if r.quality_reasons:
-        line += f",reasons={_str_field(','.join(r.quality_reasons))}"
-    return f"{line} {round(r.timestamp * 1000)}"
+    # Always written, empty when there are none: InfluxDB keeps the fields a rewrite leaves out,
+    # so a replay that clears a flag must say so.
+    reasons = _str_field(",".join(r.quality_reasons)) if r.quality_reasons else '""'
+    return f"{line},reasons={reasons} {round(r.timestamp * 1000)}"
 
 
 def alarm_line(e: AlarmEvent) -> str:

@@ -17,7 +17,7 @@ def test_a_reading_becomes_one_water_quality_point_with_the_design_schema():
     r = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north", location="aeration 1")
     assert reading_line(r) == (
         "water_quality,location=aeration\\ 1,parameter=pH,plant_id=north,sensor_id=ph-1 "
-        'quality="good",unit="pH",value=7.0 1790000000123'
+        'quality="good",unit="pH",value=7.0,reasons="" 1790000000123'
     )
 
 
