@@ -153,6 +153,7 @@ class RawConsumer:
                 self.store,
                 self._publisher,
                 self.metrics,
+                dead_letter_topic=self.config.dead_letter_topic,
                 max_lines=self.config.max_lines_in_flight,
                 retry_max_seconds=self.config.retry_max_seconds,
                 observer=self.observer,

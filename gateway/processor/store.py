@@ -3,7 +3,10 @@
 Exactly once comes from point identity, not from bookkeeping: a point is measurement + tags +
 timestamp, so writing a replayed reading again overwrites it with itself. Writes use the client's
 synchronous write service with our own batches (``batch_lines``, gzip): a batch either succeeded or
-raised, so the consumer commits offsets only for what InfluxDB acknowledged. The client's batching
+raised, so the consumer commits offsets only for what InfluxDB acknowledged. Lines InfluxDB refuses
+for good (malformed, a field type conflict, outside the bucket's retention) are singled out by
+splitting the batch, and returned with the reason: the writer dead-letters them, none is dropped
+silently. The client's batching
 mode is avoided because its flush on close can drop points silently. We gzip ourselves at level 1:
 the client's level 9 costs five times the CPU for a body 20 % smaller, on a machine whose cores the
 processor shares with Kafka and InfluxDB.
@@ -18,8 +21,10 @@ tagged plant_id, parameter and ``source`` (the Kafka partition whose readings th
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,6 +80,16 @@ class InfluxConfig:
 
 class StoreUnavailable(Exception):
     """InfluxDB did not take the batch (down, timeout, 5xx): retry later, do not commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A line InfluxDB will never take, and why."""
+
+    bucket: str
+    line: str
+    reason: str  # malformed, field_type_conflict, beyond_retention, refused
+    detail: str  # InfluxDB's message
 
 
 # --- line protocol (pure) -------------------------------------------------------------------------
@@ -192,24 +207,28 @@ class InfluxStore:
         self._service = WriteService(self._client.api_client)
         self.rejected_lines = 0
 
-    def write_readings(self, readings: Sequence[Reading]) -> None:
-        self.write(self.config.bucket, [reading_line(r) for r in readings])
+    def write_readings(self, readings: Sequence[Reading]) -> list[Refused]:
+        return self.write(self.config.bucket, [reading_line(r) for r in readings])
 
-    def write_alarms(self, events: Sequence[AlarmEvent]) -> None:
-        self.write(self.config.bucket, [alarm_line(e) for e in events])
+    def write_alarms(self, events: Sequence[AlarmEvent]) -> list[Refused]:
+        return self.write(self.config.bucket, [alarm_line(e) for e in events])
 
-    def write_windows(self, windows: Sequence[WindowAggregate]) -> None:
-        self.write(self.config.bucket_1m, [window_line(w) for w in windows])
+    def write_windows(self, windows: Sequence[WindowAggregate]) -> list[Refused]:
+        return self.write(self.config.bucket_1m, [window_line(w) for w in windows])
 
-    def write(self, bucket: str, lines: Sequence[str]) -> None:
+    def write(self, bucket: str, lines: Sequence[str]) -> list[Refused]:
         """Write in requests of about ``batch_lines`` lines (5,300 lines go in one request, not
-        5,000 and a 300 line straggler that costs a round trip of its own)."""
+        5,000 and a 300 line straggler that costs a round trip of its own). Returns the lines
+        InfluxDB refused for good (all others are stored); raises StoreUnavailable if a retry
+        may help."""
+        refused: list[Refused] = []
         chunks = max(1, round(len(lines) / self.config.batch_lines))
         size = -(-len(lines) // chunks)
         for i in range(0, len(lines), size):
-            self._write_batch(bucket, lines[i : i + size])
+            self._write_batch(bucket, lines[i : i + size], refused)
+        return refused
 
-    def _write_batch(self, bucket: str, lines: Sequence[str]) -> None:
+    def _write_batch(self, bucket: str, lines: Sequence[str], refused: list[Refused]) -> None:
         try:
             self._service.post_write(
                 org=self.config.org,
@@ -221,29 +240,48 @@ class InfluxStore:
             )
         except ApiException as e:
             status = e.status or 0
-            if status == 422:
-                # Well-formed but some points refused for good (outside the bucket's retention,
-                # field type conflict): the rest were written; retrying cannot help.
-                self.rejected_lines += 1
+            if status in (400, 422):
+                # 400: a malformed line fails the whole batch. 422: well-formed, but some points
+                # refused for good (field type conflict, outside the bucket's retention) while the
+                # rest were written. Retrying cannot help: split until the refused lines are
+                # singled out (writing a stored point again stores it once).
                 self.metrics.influx_write_failures.inc()
-                log.warning("InfluxDB refused part of a batch to %s: %s", bucket, _body(e))
-                return
-            if status == 400 and len(lines) > 1:
-                # A malformed line fails the whole batch; split to write all the others.
+                detail = _message(e)
+                if len(lines) == 1 or (status == 422 and _dropped(detail) == len(lines)):
+                    self._refuse(bucket, lines, status, detail, refused)
+                    return
                 half = len(lines) // 2
-                self._write_batch(bucket, lines[:half])
-                self._write_batch(bucket, lines[half:])
-                return
-            if status == 400:
-                self.rejected_lines += 1
-                self.metrics.influx_write_failures.inc()
-                log.error("InfluxDB rejected a line for %s: %s: %.300s", bucket, _body(e), lines[0])
+                self._write_batch(bucket, lines[:half], refused)
+                self._write_batch(bucket, lines[half:], refused)
                 return
             self.metrics.influx_write_failures.inc()
             raise StoreUnavailable(f"InfluxDB answered {status}: {_body(e)}") from None
         except Exception as e:  # connection refused, timeout, DNS: all transient here
             self.metrics.influx_write_failures.inc()
             raise StoreUnavailable(f"InfluxDB write failed: {e.__class__.__name__}: {e}") from None
+
+    def _refuse(
+        self, bucket: str, lines: Sequence[str], status: int, detail: str, out: list[Refused]
+    ) -> None:
+        if status == 400:
+            reason = "malformed"
+        elif "field type conflict" in detail:
+            reason = "field_type_conflict"
+        elif "retention" in detail:
+            reason = "beyond_retention"
+        else:
+            reason = "refused"
+        out.extend(Refused(bucket, line, reason, detail) for line in lines)
+        self.rejected_lines += len(lines)
+        self.metrics.influx_refused_lines.labels(bucket=bucket, reason=reason).inc(len(lines))
+        log.warning(
+            "InfluxDB refused %d line(s) for %s (%s), dead-lettered: %s: %.300s",
+            len(lines),
+            bucket,
+            reason,
+            detail,
+            lines[0],
+        )
 
     def ping(self) -> bool:
         try:
@@ -258,3 +296,19 @@ class InfluxStore:
 def _body(e: ApiException) -> str:
     body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
     return body[:300] or str(e.reason)
+
+
+def _message(e: ApiException) -> str:
+    """InfluxDB's error message (its JSON body's ``message``), or the body as it is."""
+    body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or body or e.reason)[:1000]
+
+
+def _dropped(message: str) -> int | None:
+    """How many points a partial write dropped (``... dropped=3``), if InfluxDB says."""
+    m = re.search(r"dropped=(\d+)", message)
+    return int(m.group(1)) if m else None

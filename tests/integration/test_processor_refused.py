@@ -4,6 +4,7 @@ Real Kafka and InfluxDB; the refusal is a field type conflict in a bucket of the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.request
 import uuid
@@ -19,6 +20,7 @@ from tests.support.processor_harness import (
     Dataset,
     Processor,
     produce,
+    raw_points,
     read_topic,
 )
 
@@ -29,10 +31,9 @@ def test_readings_influxdb_refuses_go_to_the_dead_letter_topic_counted(servers, 
     client, cfg = influx
     run = uuid.uuid4().hex[:8]
     plant, bucket = f"p{run}-a", f"refused-{run}"
-    org_id = client.organizations_api().find_organizations(org=cfg.org)[0].id
     created = client.buckets_api().create_bucket(
         bucket_name=bucket,
-        org_id=org_id,
+        org=cfg.org,
         retention_rules=[BucketRetentionRules(type="expire", every_seconds=86_400)],
     )
     hour = window_start(time.time(), 3600) - 3600  # one shard (1 h for a 1-day bucket)
@@ -43,21 +44,25 @@ def test_readings_influxdb_refuses_go_to_the_dead_letter_topic_counted(servers, 
         f'water_quality,plant_id={plant},sensor_id=other value="oops" {(hour + 60) * 1000}',
         write_precision=WritePrecision.MS,
     )
-    readings = [
-        Reading(
-            "ph-1",
-            "pH",
-            7.0 + i / 100,
-            "pH",
-            hour + 300 + i,
-            plant_id=plant,
-            location="inlet",
-            gateway_id=f"gw-{plant}",
-            seq=i,
-        )
-        for i in range(20)
+    # An hour earlier (another shard) the same plant's readings are fine: stored, not refused.
+    fine, readings = [
+        [
+            Reading(
+                "ph-1",
+                "pH",
+                7.0 + i / 100,
+                "pH",
+                start + 300 + i,
+                plant_id=plant,
+                location="inlet",
+                gateway_id=f"gw-{plant}",
+                seq=seq + i,
+            )
+            for i in range(20)
+        ]
+        for start, seq in ((hour - 3600, 0), (hour, 100))
     ]
-    data = Dataset(run, [plant], readings, odd_stored=0)
+    data = Dataset(run, [plant], fine + readings, odd_stored=0)
     port = free_port()
     proc = Processor(
         data, servers, servers, tmp_path, http_port=port, settings={"influxdb": {"bucket": bucket}}
@@ -68,6 +73,7 @@ def test_readings_influxdb_refuses_go_to_the_dead_letter_topic_counted(servers, 
         dead = read_topic(servers, proc.topics["deadletter"], len(readings), timeout=60)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             metrics = r.read().decode()
+        stored = raw_points(client, dataclasses.replace(cfg, bucket=bucket), data)
     finally:
         proc.stop_all()
         proc.delete_topics()
@@ -82,8 +88,9 @@ def test_readings_influxdb_refuses_go_to_the_dead_letter_topic_counted(servers, 
         assert msg.value().startswith(
             f"water_quality,location=inlet,parameter=pH,plant_id={plant}".encode()
         )
-    stored = sorted(int(m.value().rsplit(b" ", 1)[1]) for m in dead)
-    assert stored == [round(r.timestamp * 1000) for r in readings]
+    refused = sorted(int(m.value().rsplit(b" ", 1)[1]) for m in dead)
+    assert refused == [round(r.timestamp * 1000) for r in readings]
+    assert sorted(p["value"] for p in stored) == [r.value for r in fine]
     counted = [
         ln
         for ln in metrics.splitlines()
