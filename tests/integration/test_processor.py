@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -26,9 +23,10 @@ from gateway.processor.provision import TASK_PREFIX
 from gateway.processor.query import LATEST_FLUX, Queries
 from gateway.processor.store import InfluxStore
 from tests.support.processor_harness import (
-    ROOT,
     Processor,
     assert_windows_match_raw,
+    cli,
+    cli_config,
     make_dataset,
     produce,
     raw_points,
@@ -137,32 +135,12 @@ def test_two_instances_with_one_sigkilled_mid_run_give_the_same_aggregates(
     assert first.returncode == -9
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _config(tmp_path, servers) -> str:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f'[influxdb]\nurl = "{servers["INFLUXDB_URL"]}"\norg = "{servers["INFLUXDB_ORG"]}"\n'
-        'token = "env:INFLUXDB_TOKEN"\n'
-    )
-    return str(path)
-
-
 def test_setup_influx_twice_leaves_four_buckets_and_two_tasks(servers, influx, tmp_path):
     client, _ = influx
-    config = _config(tmp_path, servers)
+    config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
     for _ in range(2):
-        result = _cli("processor", "setup-influx", "--config", config, env=env)
+        result = cli("processor", "setup-influx", "--config", config, env=env)
         assert result.returncode == 0, result.stderr
     assert "created" not in result.stdout  # the second run found everything in place
 
@@ -190,8 +168,8 @@ def test_setup_influx_twice_leaves_four_buckets_and_two_tasks(servers, influx, t
 EVIL = 'x") |> drop(columns: ["_value"]) |> yield(name: "pwned") //'
 
 
-def test_a_plant_name_carrying_flux_is_rejected_by_the_cli(servers, tmp_path):
-    config = _config(tmp_path, servers)
+def test_a_plant_name_carrying_flux_is_rejected_by_thecli(servers, tmp_path):
+    config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
     for args in (
         ["query", "latest", "--plant", EVIL],
@@ -199,7 +177,7 @@ def test_a_plant_name_carrying_flux_is_rejected_by_the_cli(servers, tmp_path):
         ["query", "history", "--plant", "north", "--parameter", 'pH" or true //'],
         ["query", "history", "--plant", "north", "--parameter", "pH", "--start", "-1h) |> x("],
     ):
-        result = _cli(*args, "--config", config, env=env)
+        result = cli(*args, "--config", config, env=env)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "invalid" in result.stderr
 
@@ -234,13 +212,13 @@ def test_query_cli_shows_latest_and_history(servers, influx, tmp_path):
             for i in range(10)
         ]
     )
-    config = _config(tmp_path, servers)
+    config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
-    latest = _cli("query", "latest", "--plant", plant, "--json", "--config", config, env=env)
+    latest = cli("query", "latest", "--plant", plant, "--json", "--config", config, env=env)
     assert latest.returncode == 0, latest.stderr
     (item,) = json.loads(latest.stdout)
     assert (item["parameter"], item["value"], item["quality"]) == ("pH", 7.9, "good")
-    hist = _cli(
+    hist = cli(
         "query",
         "history",
         "--plant",
@@ -258,6 +236,6 @@ def test_query_cli_shows_latest_and_history(servers, influx, tmp_path):
     )
     assert hist.returncode == 0, hist.stderr
     assert sum(r["count"] for r in json.loads(hist.stdout)) == 10
-    table = _cli("query", "latest", "--plant", plant, "--config", config, env=env)
+    table = cli("query", "latest", "--plant", plant, "--config", config, env=env)
     assert "pH" in table.stdout and "7.9" in table.stdout
     assert Queries(client, cfg).history(plant, "pH", start="-10m")[-1].value == 7.9

@@ -306,6 +306,28 @@ token = "env:INFLUXDB_TOKEN"
         )
 
 
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``edge-gateway ARGS`` as a user runs it, with ``env`` added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def cli_config(workdir: Path, influx: dict[str, str]) -> str:
+    """A config file with only the [influxdb] section, for the query and setup commands."""
+    path = workdir / "config.toml"
+    path.write_text(
+        f'[influxdb]\nurl = "{influx["INFLUXDB_URL"]}"\norg = "{influx["INFLUXDB_ORG"]}"\n'
+        'token = "env:INFLUXDB_TOKEN"\n'
+    )
+    return str(path)
+
+
 # --- reading results back --------------------------------------------------------------------
 
 
