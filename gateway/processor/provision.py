@@ -45,12 +45,28 @@ class TaskSpec:
     flux: str
 
 
+@dataclass(frozen=True)
+class Level:
+    """A bucket of windows: its resolution and how far back it keeps them (0: forever)."""
+
+    bucket: str
+    seconds: int
+    retention_seconds: int
+
+
+def levels(cfg: InfluxConfig) -> list[Level]:
+    """The window buckets, finest first: 1-minute partials, hours, days."""
+    return [
+        Level(cfg.bucket_1m, 60, 30 * DAY),
+        Level(cfg.bucket_1h, 3600, 365 * DAY),
+        Level(cfg.bucket_1d, DAY, 0),
+    ]
+
+
 def buckets(cfg: InfluxConfig) -> list[BucketSpec]:
     return [
         BucketSpec(cfg.bucket, 7 * DAY),
-        BucketSpec(cfg.bucket_1m, 30 * DAY),
-        BucketSpec(cfg.bucket_1h, 365 * DAY),
-        BucketSpec(cfg.bucket_1d, 0),
+        *(BucketSpec(level.bucket, level.retention_seconds) for level in levels(cfg)),
     ]
 
 
@@ -60,15 +76,17 @@ def flux_string(value: str) -> str:
     return '"' + escaped.replace("\n", "\\n") + '"'
 
 
-def merge_flux(source_bucket: str, start: str, stop: str, every: str) -> str:
-    """Flux merging windows (minute partials, or hours) of ``source_bucket`` into ``every`` windows.
+def merge_flux(source: str, start: str, stop: str, every: str, where: str = "") -> str:
+    """Flux merging windows (minute partials, or hours) of bucket ``source`` into ``every`` windows.
 
-    Yields one table per plant, parameter and window with count, sum, min, max, avg, latest and
-    latest_time, ``_time`` being the window start.
+    Arguments are Flux expressions (a string literal, or a parameter's name). ``where`` narrows the
+    rows further (a Flux predicate on ``r``). Yields one table per plant, parameter and window with
+    count, sum, min, max, avg, latest and latest_time, ``_time`` being the window start.
     """
-    return f"""from(bucket: {flux_string(source_bucket)})
+    narrow = f"\n  |> filter(fn: (r) => {where})" if where else ""
+    return f"""from(bucket: {source})
   |> range(start: {start}, stop: {stop})
-  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}")
+  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}"){narrow}
   |> filter(fn: (r) => r._field == "count" or r._field == "sum" or r._field == "min"
       or r._field == "max" or r._field == "latest" or r._field == "latest_time")
   |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")
@@ -103,7 +121,7 @@ option task = {{name: {flux_string(name)}, every: {every}, offset: {offset}}}
 stop = date.truncate(t: now(), unit: {every})
 start = date.sub(from: stop, d: {lookback})
 
-{merge_flux(source, "start", "stop", every)}
+{merge_flux(flux_string(source), "start", "stop", every)}
   |> to(
       bucket: {flux_string(target)},
       org: {flux_string(org)},

@@ -28,6 +28,7 @@ from tests.support.processor_harness import (
     cli,
     cli_config,
     make_dataset,
+    partials_of,
     produce,
     raw_points,
     read_topic,
@@ -206,12 +207,13 @@ def test_query_cli_shows_latest_and_history(servers, influx, tmp_path):
     client, cfg = influx
     plant = f"cli-{int(time.time())}"
     now = time.time()
-    InfluxStore(cfg, Metrics()).write_readings(
-        [
-            Reading("ph-1", "pH", 7.0 + i / 10, "pH", now - 300 + i * 30, plant_id=plant)
-            for i in range(10)
-        ]
-    )
+    readings = [
+        Reading("ph-1", "pH", 7.0 + i / 10, "pH", now - 300 + i * 30, plant_id=plant)
+        for i in range(10)
+    ]
+    store = InfluxStore(cfg, Metrics())
+    store.write_readings(readings)
+    store.write_windows(partials_of(readings))  # what the processor writes besides
     config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
     latest = cli("query", "latest", "--plant", plant, "--json", "--config", config, env=env)

@@ -13,28 +13,14 @@ import pytest
 
 from gateway.common.metrics import Metrics
 from gateway.common.model import Quality, Reading
-from gateway.processor.aggregate import PartitionWindows, WindowAggregate, window_start
+from gateway.processor.aggregate import WindowAggregate, window_start
 from gateway.processor.query import Queries
 from gateway.processor.store import InfluxStore, window_line
-from tests.support.processor_harness import cli, cli_config
+from tests.support.processor_harness import cli, cli_config, partials_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 DAY = 86_400
-
-
-def _partials(readings: list[Reading]) -> list[WindowAggregate]:
-    """The partial windows two processor partitions would write for these readings."""
-    parts = {
-        s: PartitionWindows(f"t/{k}") for k, s in enumerate(sorted({r.sensor_id for r in readings}))
-    }
-    for offset, r in enumerate(readings):
-        parts[r.sensor_id].add(r, offset, time.time())
-    out = []
-    for pw in parts.values():
-        pw.flush_idle(time.time() + 3600)
-        out.extend(pw.take_closed())
-    return out
 
 
 def _at(ts: float) -> datetime:
@@ -70,8 +56,7 @@ def test_history_every_reads_the_merged_windows_without_bad_readings(
                 r.flag(Quality.UNCERTAIN, "spike")  # uncertain ones are in the windows
             readings.append(r)
     store.write_readings(readings)
-    partials = _partials(readings)
-    store.write_windows(partials)
+    store.write_windows(partials_of(readings))
     q = Queries(client, cfg)
     merged = {w.start: w for w in q.windows(plant, _at(base - 60), _at(base + 240))}
     assert len(merged) == 3 and sum(w.count for w in merged.values()) == 35

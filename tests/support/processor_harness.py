@@ -29,7 +29,12 @@ from influxdb_client import InfluxDBClient
 
 from gateway.common.model import Quality, Reading, format_ts
 from gateway.common.validate import DEFAULT_RANGES
-from gateway.processor.aggregate import WindowAggregate, aggregatable, window_start
+from gateway.processor.aggregate import (
+    PartitionWindows,
+    WindowAggregate,
+    aggregatable,
+    window_start,
+)
 from gateway.processor.provision import provision
 from gateway.processor.query import Queries
 from gateway.processor.store import InfluxConfig
@@ -326,6 +331,20 @@ def cli_config(workdir: Path, influx: dict[str, str]) -> str:
         'token = "env:INFLUXDB_TOKEN"\n'
     )
     return str(path)
+
+
+def partials_of(readings: list[Reading]) -> list[WindowAggregate]:
+    """The closed partial windows the processor would write for these readings, each sensor's on
+    a partition of its own."""
+    sensors = sorted({r.sensor_id for r in readings})
+    parts = {s: PartitionWindows(f"t/{k}") for k, s in enumerate(sensors)}
+    for offset, r in enumerate(readings):
+        parts[r.sensor_id].add(r, offset, time.time())
+    out = []
+    for pw in parts.values():
+        pw.flush_idle(time.time() + 3600)
+        out.extend(pw.take_closed())
+    return out
 
 
 # --- reading results back --------------------------------------------------------------------
