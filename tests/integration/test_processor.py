@@ -12,6 +12,7 @@ import dataclasses
 import json
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -20,7 +21,7 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import Reading
 from gateway.processor.aggregate import window_start
 from gateway.processor.provision import TASK_PREFIX
-from gateway.processor.query import LATEST_FLUX, Queries
+from gateway.processor.query import Queries, QueryInputError
 from gateway.processor.store import InfluxStore
 from tests.support.processor_harness import (
     Processor,
@@ -169,7 +170,7 @@ def test_setup_influx_twice_leaves_four_buckets_and_two_tasks(servers, influx, t
 EVIL = 'x") |> drop(columns: ["_value"]) |> yield(name: "pwned") //'
 
 
-def test_a_plant_name_carrying_flux_is_rejected_by_thecli(servers, tmp_path):
+def test_a_plant_name_carrying_flux_is_rejected_by_the_cli(servers, tmp_path):
     config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
     for args in (
@@ -183,24 +184,46 @@ def test_a_plant_name_carrying_flux_is_rejected_by_thecli(servers, tmp_path):
         assert "invalid" in result.stderr
 
 
-def test_flux_syntax_in_a_parameter_value_is_matched_literally(servers, influx):
-    """Even past validation, values travel as Flux parameters: data, never code."""
+def test_plant_names_reach_influxdb_as_data_never_as_flux(servers, influx, tmp_path):
+    """Through the product's query path (Queries and the CLI): a plant name carrying Flux is
+    refused before anything is sent, even with such a plant's readings stored; a name that passes
+    the check yet would be code if spliced into the Flux text is matched as data."""
     client, cfg = influx
     now = time.time()
+    run = uuid.uuid4().hex[:8]
     store = InfluxStore(cfg, Metrics())
     store.write_readings([Reading("s-1", "pH", 7.0, "pH", now - 60, plant_id=EVIL)])
-    rows = client.query_api().query(
-        LATEST_FLUX,
-        org=cfg.org,
-        params={
-            "bucketName": cfg.bucket,
-            "plantId": EVIL,
-            "rangeStart": datetime.now(UTC) - timedelta(hours=1),
-        },
+    q = Queries(client, cfg)
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    for ask in (
+        lambda: q.latest(EVIL),
+        lambda: q.history(EVIL, "pH", start="-1h"),
+        lambda: q.history(EVIL, "pH", start="-1h", every="1m"),
+        lambda: q.windows(EVIL, hour_ago, datetime.now(UTC)),
+    ):
+        with pytest.raises(QueryInputError, match="invalid plant"):
+            ask()
+
+    # Spliced into `r.plant_id == <plant>`, this name would match every plant's readings.
+    code = "r.plant_id"
+    mine, other = f"literal-{run}", f"other-{run}"
+    store.write_readings(
+        [
+            Reading(mine, "pH", 6.25, "pH", now - 30, plant_id=code),
+            Reading("b-1", "BOD", 99.0, "mg/L", now - 20, plant_id=other),
+        ]
     )
-    values = {(r.values["plant_id"], r.values["_field"]) for t in rows for r in t.records}
-    assert values == {(EVIL, "value"), (EVIL, "quality"), (EVIL, "unit")}
-    assert all(t.records[0].values.get("result") != "pwned" for t in rows)
+    latest = q.latest(code, since="-1h")
+    assert [(i.parameter, i.sensor_id, i.value) for i in latest] == [("pH", mine, 6.25)]
+    config = cli_config(tmp_path, servers)
+    env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
+    args = ["--plant", code, "--start", "-1m", "--json", "--config", config]
+    shown = cli("query", "history", "--parameter", "pH", *args, env=env)
+    assert shown.returncode == 0, shown.stderr
+    rows = json.loads(shown.stdout)
+    assert rows and all(r["sensorId"].startswith("literal-") for r in rows)
+    shown = cli("query", "history", "--parameter", "BOD", *args, env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout) == []
 
 
 def test_query_cli_shows_latest_and_history(servers, influx, tmp_path):
