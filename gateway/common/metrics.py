@@ -92,6 +92,12 @@ class Metrics:
         self.influx_write_failures = Counter(
             "iot_influxdb_write_failures_total", "InfluxDB batch writes that failed", registry=r
         )
+        self.late_rollups = Counter(
+            "iot_late_rollups_total",
+            "Hours and days of a plant downsampled again because windows came after the task",
+            ["bucket"],
+            registry=r,
+        )
         self.influx_refused_lines = Counter(
             "iot_influxdb_refused_lines_total",
             "Lines InfluxDB refused for good, each sent to the dead-letter topic",

@@ -46,6 +46,7 @@ from gateway.processor.aggregate import Outcome, PartitionWindows, WindowAggrega
 from gateway.processor.checkpoint import Checkpoints, Key
 from gateway.processor.codec import decode_keeping_ts, reading_json
 from gateway.processor.events import Listener
+from gateway.processor.provision import beyond_hourly_task
 from gateway.processor.publish import HEADERS, Publisher, PublishFailed
 from gateway.processor.store import InfluxStore, alarm_line, reading_line, window_line
 from gateway.processor.writer import Batch, Observer, SinkWriter
@@ -376,6 +377,9 @@ class RawConsumer:
                     closed.append(w)
                 touched.add(key)
                 batch.window_lines.append(window_line(w))
+                hour = w.start - w.start % 3600
+                if beyond_hourly_task(hour, now):
+                    batch.late_hours.add((w.plant_id, hour))
                 send(delivery, c.aggregated_topic, orjson.dumps(w.to_dict()), w.plant_id.encode())
         for key in touched:
             pw = self._windows[key]

@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.rest import ApiException
@@ -282,6 +283,14 @@ class InfluxStore:
             detail,
             lines[0],
         )
+
+    def query(self, flux: str, params: dict[str, Any]) -> None:
+        """Run a Flux script for its effect (e.g. ``to()``); StoreUnavailable if it failed."""
+        try:
+            self._client.query_api().query(flux, org=self.config.org, params=params)
+        except Exception as e:
+            self.metrics.influx_write_failures.inc()
+            raise StoreUnavailable(f"InfluxDB query failed: {e.__class__.__name__}: {e}") from None
 
     def ping(self) -> bool:
         try:

@@ -3,8 +3,9 @@
 The consumer thread hands each processed batch over through a queue bounded in lines (its memory
 bound, whatever the batch sizes) and goes on with the next one. This thread writes the batches to
 InfluxDB, coalescing what is queued into requests of about ``batch_lines`` lines (small batches
-at a low rate, full ones under load), then waits for the Kafka confirmations of their messages,
-and only then reports them done, in the order they were handed over. The consumer
+at a low rate, full ones under load), re-downsamples the hours (and ended days) that got windows
+too late for the hourly task (see ``provision``), then waits for the Kafka confirmations of their
+messages, and only then reports them done, in the order they were handed over. The consumer
 commits the offsets a batch recorded once it is done; since batches complete in order, every
 batch up to it has been written too.
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 from gateway.common.metrics import Metrics
 from gateway.processor.aggregate import CommitPoint, PartitionWindows
+from gateway.processor.provision import ROLLUP_FLUX, rollups
 from gateway.processor.publish import HEADERS, Delivery, Publisher, PublishFailed
 from gateway.processor.store import InfluxStore, Refused, StoreUnavailable
 
@@ -49,6 +51,8 @@ class Batch:
     )
     readings: int = 0
     produced_ms: list[int] | None = None  # for an observer (the bench): Kafka timestamps
+    # (plant, hour start) of hours that got a window after the hourly task stopped looking
+    late_hours: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def empty(self) -> bool:
@@ -219,6 +223,12 @@ class SinkWriter:
             if window_lines:
                 self._dead_letter(store.write(store.config.bucket_1m, window_lines), letters)
             steps.add("windows")
+        if "rollup" not in steps:
+            late = set[tuple[str, int]]().union(*(b.late_hours for b in group))
+            for params in rollups(store.config, late, time.time()) if late else []:
+                store.query(ROLLUP_FLUX, params)
+                self.metrics.late_rollups.labels(bucket=params["targetBucket"]).inc()
+            steps.add("rollup")
         t0 = time.perf_counter()
         for b in group:
             self.publisher.confirm(b.delivery, self._abandon)
