@@ -10,7 +10,9 @@ with the next batch. Offsets are committed only for batches the writer reports d
 predecessors are done too. The offset committed for a partition is the lowest one an open window
 still needs, with the window checkpoint as commit metadata (see ``aggregate``), so a crash or
 rebalance replays exactly what is needed to rebuild the open windows and every sink sees each
-reading at least once; InfluxDB's point identity makes that exactly once in storage.
+reading at least once; InfluxDB's point identity makes that exactly once in storage. A partition
+the group takes away is never brought back by this instance: messages of it still in hand when
+the rebalance comes are left to its new owner, and commits go to assigned partitions only.
 
 When a sink is down the writer holds its batches, the hand-over queue fills (memory stays bounded
 to a few batches), every assigned partition is paused, and consumption resumes once the writer
@@ -104,6 +106,7 @@ class RawConsumer:
         self._checkpoints = Checkpoints()
         self._last_commit_at = 0.0
         self._caught_up: set[_Key] = set()  # partitions read to their end (for idle flush)
+        self._moved: set[_Key] = set()  # partitions a rebalance assigned or took (see _take)
         self._paused = False
         self._last_activity: dict[_Key, float] = {}  # monotonic time of the last message or EOF
         self._last_nudge = time.monotonic()
@@ -191,18 +194,34 @@ class RawConsumer:
             log.exception("processor consumer stopped on an error")
 
     def _take(self, consumer: Consumer) -> list[Message]:
-        """What the partitions have: wait for one message, then let the batch fill briefly."""
+        """What the partitions have: wait for one message, then let the batch fill briefly.
+
+        A rebalance may run inside the second call. Messages the first one gave us of a partition
+        it moved are then void: revoked, the partition is its new owner's to read (from the
+        committed offset); assigned again, it is read again from there. (librdkafka itself voids
+        those a single call took before its callback.)"""
         c = self.config
         msgs = consumer.consume(c.batch_size, 0)
         if not msgs:
             msgs = consumer.consume(1, c.batch_timeout)
             if msgs and c.batch_size > 1:
-                msgs.extend(consumer.consume(c.batch_size - 1, c.batch_linger))
+                self._moved.clear()
+                more = consumer.consume(c.batch_size - 1, c.batch_linger)
+                if self._moved:
+                    kept = [m for m in msgs if (m.topic(), m.partition()) not in self._moved]
+                    if len(kept) < len(msgs):
+                        log.info(
+                            "left %d message(s) of partitions moved by a rebalance to their owner",
+                            len(msgs) - len(kept),
+                        )
+                    msgs = kept
+                msgs.extend(more)
         return msgs
 
     # -- rebalance -----------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._moved.update((tp.topic, tp.partition) for tp in partitions)
         for tp in self._committed(consumer, partitions):
             key = (tp.topic, tp.partition)
             checkpoint = tp.metadata if tp.offset >= 0 else None
@@ -214,6 +233,7 @@ class RawConsumer:
                 checkpoint=checkpoint,
             )
             self._checkpoints.forget(key)
+            self._caught_up.discard(key)  # read to its end only once librdkafka says so again
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _committed(
@@ -242,6 +262,7 @@ class RawConsumer:
         # but never committed by us: their PartitionWindows is no longer the current one.
         for tp in partitions:
             key = (tp.topic, tp.partition)
+            self._moved.add(key)
             self._windows.pop(key, None)
             self._checkpoints.forget(key)
             self._caught_up.discard(key)
@@ -251,15 +272,6 @@ class RawConsumer:
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     # -- processing ----------------------------------------------------------------------------
-
-    def _windows_for(self, topic: str, partition: int) -> PartitionWindows:
-        key = (topic, partition)
-        pw = self._windows.get(key)
-        if pw is None:  # assignment callback missed (should not happen): recover the checkpoint
-            assert self._consumer is not None
-            self._on_assign(self._consumer, [TopicPartition(topic, partition)])
-            pw = self._windows[key]
-        return pw
 
     def _plant_key(self, plant: str) -> bytes:
         key = self._plant_keys.get(plant)
@@ -308,7 +320,16 @@ class RawConsumer:
             assert topic is not None and partition is not None and offset is not None
             key = (topic, partition)
             if key != last or pw is None:
-                last, pw = key, self._windows_for(topic, partition)
+                pw = self._windows.get(key)
+                if pw is None:
+                    # Not (or no longer) ours: never bring a partition back by processing a
+                    # message of it; its owner reads it from the committed offset.
+                    log.warning(
+                        "left a message of %s[%d]: the partition is not ours", topic, partition
+                    )
+                    last = None
+                    continue
+                last = key
                 topic_plant = plant_from_topic(topic)
                 self._caught_up.discard(key)
                 touched.add(key)
@@ -472,6 +493,12 @@ class RawConsumer:
             return
         offsets = self._checkpoints.due(self._windows)
         self._last_commit_at = now
+        if offsets:  # only the partitions the group gives us now, whatever our bookkeeping says
+            owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+            foreign = [tp for tp in offsets if (tp.topic, tp.partition) not in owned]
+            for tp in foreign:
+                log.warning("not committing %s[%d]: not assigned here", tp.topic, tp.partition)
+            offsets = [tp for tp in offsets if (tp.topic, tp.partition) in owned]
         if not offsets:
             return
         t0 = time.perf_counter()
