@@ -91,13 +91,30 @@ def history(
     parameter: Annotated[str, Option(help="Parameter, e.g. pH or BOD.")],
     start: Annotated[str, Option(help="Start: -1h, -30m or RFC 3339.")] = "-1h",
     stop: Annotated[str, Option(help="Stop: now, a relative duration or RFC 3339.")] = "now",
-    every: Annotated[str | None, Option(help="Aggregate per window, e.g. 1m or 1h.")] = None,
+    every: Annotated[
+        str | None,
+        Option(
+            help="Mean/min/max/count per window, e.g. 1m, 1h, 1d: a multiple of 1m reads the "
+            "stored windows (bad readings left out; 30 days per minute, a year per hour, then "
+            "per day), other widths the raw readings (7 days)."
+        ),
+    ] = None,
+    include_bad: Annotated[
+        bool,
+        Option(
+            "--include-bad", help="With --every: count bad readings too (from the raw readings)."
+        ),
+    ] = False,
     config: ConfigOption = Path("config.toml"),
     as_json: JsonOption = False,
 ) -> None:
     """Readings of one parameter over time, raw or as mean/min/max/count per window."""
     q = _queries(config)
-    rows = _run(lambda: q.history(plant, parameter, start=start, stop=stop, every=every))
+    rows = _run(
+        lambda: q.history(
+            plant, parameter, start=start, stop=stop, every=every, include_bad=include_bad
+        )
+    )
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         return

@@ -94,6 +94,18 @@ class Metrics:
         self.influx_write_failures = Counter(
             "iot_influxdb_write_failures_total", "InfluxDB batch writes that failed", registry=r
         )
+        self.late_rollups = Counter(
+            "iot_late_rollups_total",
+            "Hours and days of a plant downsampled again because windows came after the task",
+            ["bucket"],
+            registry=r,
+        )
+        self.influx_refused_lines = Counter(
+            "iot_influxdb_refused_lines_total",
+            "Lines InfluxDB refused for good, each sent to the dead-letter topic",
+            ["bucket", "reason"],
+            registry=r,
+        )
         self.late_readings = Counter(
             "iot_late_readings_total",
             "Readings too late for their window",

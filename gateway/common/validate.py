@@ -4,6 +4,12 @@ Checks run in this order: no usable value (None, NaN, Inf), physical range (bad)
 the site's normal band (uncertain), spike as rate of change (uncertain), flatline (N equal readings
 uncertain, M bad), staleness (uncertain). Transport, decode and status-bit reasons the source set
 are kept. Readings are flagged, never dropped. Shared by the gateway and the central processor.
+
+The gateway runs every check (``check``): it sees each sensor's readings in order and reads the
+clock they were taken by. The processor runs only the checks that are a function of the message
+itself (``check_central``: value, range, band, and the time against the Kafka timestamp the gateway
+sent it with) and trusts the gateway's history and staleness flags, so a replay, a rebalance or a
+second instance flags the same message the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass, field
 from gateway.common.model import Quality, Reading
 
 INF = math.inf
+# The reading's time is ahead of the clock that checked it (the gateway's) by more than max_future.
+AHEAD = "stale:future"
 
 # The design's range table; flow_rate has no upper bound.
 DEFAULT_RANGES: dict[str, list[float]] = {
@@ -146,14 +154,29 @@ class Validator:
         return rules
 
     def check(self, reading: Reading, now: float | None = None) -> Reading:
+        """Every check, the gateway's: needs the sensor's readings in order and the clock."""
+        rules = self._rules.get((reading.sensor_id, reading.parameter)) or self._rules_for(
+            reading.sensor_id, reading.parameter
+        )
+        if self._check_value(reading, rules):
+            self._check_history(reading, rules)
+        self._check_age(reading, rules, self.clock() if now is None else now)
+        return reading
+
+    def check_central(self, reading: Reading, sent: float | None) -> Reading:
+        """The processor's checks: value, range and band, and the reading's time against
+        ``sent``, its gateway's clock when it sent it (the Kafka timestamp; None: unknown). No
+        state and no wall clock: the same message is always flagged the same way."""
         rules = self._rules.get((reading.sensor_id, reading.parameter)) or self._rules_for(
             reading.sensor_id, reading.parameter
         )
         self._check_value(reading, rules)
-        self._check_age(reading, rules, self.clock() if now is None else now)
+        if sent is not None:
+            self.check_ahead(reading, sent)
         return reading
 
-    def _check_value(self, r: Reading, rules: _Rules) -> None:
+    def _check_value(self, r: Reading, rules: _Rules) -> bool:
+        """The reading's own value; whether it is one the history checks can use."""
         v = r.value
         if v is None or not math.isfinite(v):
             reason = "no_value" if v is None else ("nan" if math.isnan(v) else "inf")
@@ -161,12 +184,18 @@ class Validator:
                 r.flag(Quality.BAD, reason)
             r.quality = Quality.BAD
             r.value = None
-            return
+            return False
         if not rules.low <= v <= rules.high:
             r.flag(Quality.BAD, "out_of_range")
-            return
+            return False
         if not rules.band_low <= v <= rules.band_high:
             r.flag(Quality.UNCERTAIN, "outside_normal_band")
+        return True
+
+    def _check_history(self, r: Reading, rules: _Rules) -> None:
+        """Spike and flatline, against this sensor's previous readings."""
+        v = r.value
+        assert v is not None
         key = (r.plant_id, r.sensor_id, r.parameter)
         track = self._tracks.get(key)
         if track is None:
@@ -193,5 +222,12 @@ class Validator:
     def _check_age(self, r: Reading, rules: _Rules, now: float) -> None:
         if rules.max_age and now - r.timestamp > rules.max_age:
             r.flag(Quality.UNCERTAIN, "stale")
-        elif self.config.max_future and r.timestamp - now > self.config.max_future:
-            r.flag(Quality.UNCERTAIN, "stale:future")
+        else:
+            self.check_ahead(r, now)
+
+    def check_ahead(self, r: Reading, clock: float) -> Reading:
+        """Flag a reading stamped more than ``max_future`` ahead of ``clock`` (``AHEAD``): the
+        gateway's clock when it takes the reading, or, centrally, when it sent it to Kafka."""
+        if self.config.max_future and r.timestamp - clock > self.config.max_future:
+            r.flag(Quality.UNCERTAIN, AHEAD)
+        return r

@@ -14,10 +14,18 @@ Scale-out rests on two properties of this module:
   plant), so replaying from it after a crash or a rebalance rebuilds the open windows exactly and
   never rewrites a closed window with a fragment of its readings.
 
-Windows close when the plant's event-time watermark (newest reading seen in the partition) passes
-the window end plus the grace period, or when the plant has sent nothing aggregatable for
-``idle_flush_seconds`` of wall time. A reading for a closed window is late: the caller counts it
-(it is still stored raw), it never reopens the window.
+Windows close when the plant's event-time watermark passes the window end plus the grace period,
+or when the plant has sent nothing aggregatable for ``idle_flush_seconds`` of wall time. A reading
+for a closed window is late: the caller counts it (it is still stored raw), it never reopens the
+window.
+
+The watermark is the newest time of the plant's *second* most advanced sensor in the partition
+(of the only one, while there is one). One sensor, however far ahead its clock, is outvoted: a
+probe 240 s fast neither closes the other sensors' windows nor makes their readings late. A sensor
+that sent nothing for ``idle_flush_seconds`` while the partition was read to its end leaves the
+vote. Readings flagged ``stale:future`` (ahead of their gateway's clock, see ``validate``) do not
+vote at all. The two leading sensors go into the checkpoint, so a replay rebuilds the same
+watermark (it never runs ahead of the one the windows were closed by).
 
 A reading re-sent by a gateway (at least once delivery: same ``gatewayId`` and ``seq``, same key,
 so the same partition) is stored once raw by point identity; the window it falls in counts it
@@ -38,9 +46,10 @@ from enum import StrEnum
 from typing import Any
 
 from gateway.common.model import Quality, Reading
+from gateway.common.validate import AHEAD
 
 WINDOW_SECONDS = 60
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 1: without the leading sensors ("wm"), still read
 # Kafka's default offset.metadata.max.bytes is 4096; stay well below it.
 MAX_CHECKPOINT_BYTES = 3000
 
@@ -234,6 +243,78 @@ class _Open:
         return True
 
 
+class _Front:
+    """One plant's sensors in a partition: each one's newest event time and when it last sent
+    (wall time), and the two most advanced ones, whose second is the watermark."""
+
+    __slots__ = ("m1", "m2", "s1", "s2", "sensors")
+
+    def __init__(self) -> None:
+        self.sensors: dict[str, list[float]] = {}  # sensor -> [newest time, wall time or -1]
+        self.s1: str | None = None
+        self.m1 = -math.inf
+        self.s2: str | None = None
+        self.m2 = -math.inf
+
+    @property
+    def mark(self) -> float:
+        return self.m2 if self.s2 is not None else self.m1
+
+    def see(self, sensor: str, ts: float, now: float) -> float:
+        """Account a reading of ``sensor`` at ``ts``; returns the watermark."""
+        e = self.sensors.get(sensor)
+        if e is None:
+            self.sensors[sensor] = [ts, now]
+        else:
+            e[1] = now
+            if ts <= e[0]:
+                return self.mark
+            e[0] = ts
+        # The sensor's newest time rose to ts; others stay where they were, none above m2
+        # unless it is s1 or s2: the two leaders follow without looking at the rest.
+        if sensor == self.s1:
+            self.m1 = ts
+        elif sensor == self.s2:
+            self.m2 = ts
+            if ts > self.m1:
+                self.s1, self.m1, self.s2, self.m2 = sensor, ts, self.s1, self.m1
+        elif ts > self.m1:
+            self.s2, self.m2, self.s1, self.m1 = self.s1, self.m1, sensor, ts
+        elif ts > self.m2 or self.s2 is None:
+            self.s2, self.m2 = sensor, ts
+        return self.mark
+
+    def expire(self, now: float, idle: float) -> None:
+        """Sensors silent for ``idle`` seconds leave the vote (restored ones start their clock)."""
+        gone = []
+        for sensor, e in self.sensors.items():
+            if e[1] < 0:
+                e[1] = now
+            elif now - e[1] >= idle:
+                gone.append(sensor)
+        if not gone:
+            return
+        for sensor in gone:
+            del self.sensors[sensor]
+        if self.s1 in self.sensors and (self.s2 is None or self.s2 in self.sensors):
+            return
+        ranked = sorted(self.sensors.items(), key=lambda kv: (kv[1][0], kv[0]), reverse=True)
+        self.s1, self.m1 = (ranked[0][0], ranked[0][1][0]) if ranked else (None, -math.inf)
+        self.s2, self.m2 = (ranked[1][0], ranked[1][1][0]) if len(ranked) > 1 else (None, -math.inf)
+
+    def leaders(self) -> list[list[object]]:
+        return [[s, round(m * 1000)] for s, m in ((self.s1, self.m1), (self.s2, self.m2)) if s]
+
+    @classmethod
+    def restore(cls, leaders: object) -> _Front:
+        front = cls()
+        if isinstance(leaders, list):
+            for item in leaders:
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[1], int | float):
+                    front.see(str(item[0]), item[1] / 1000, -1.0)
+        return front
+
+
 @dataclass(frozen=True, slots=True)
 class CommitPoint:
     offset: int
@@ -261,6 +342,7 @@ class PartitionWindows:
         self._open: dict[tuple[str, str, int], _Open] = {}
         self._closed: list[WindowAggregate] = []
         self._closed_through: dict[str, int] = {}  # plant -> windows starting before are closed
+        self._fronts: dict[str, _Front] = {}  # plant -> its sensors' progress (the watermark)
         self._last_arrival: dict[
             str, float
         ] = {}  # plant -> wall time of its last aggregated reading
@@ -271,15 +353,17 @@ class PartitionWindows:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def add(self, r: Reading, offset: int, now: float) -> Outcome:
-        """Account one reading at ``offset``; ``now`` is wall time (for idle flush and sanity)."""
+    def add(self, r: Reading, offset: int, now: float, sent: float | None = None) -> Outcome:
+        """Account one reading at ``offset``. ``now`` is wall time (for idle flush); ``sent`` the
+        Kafka timestamp the gateway sent it with, which "too far in the future" is judged
+        against (wall time when unknown), so a replay judges alike."""
         if self.next_offset is None or offset >= self.next_offset:
             self.next_offset = offset + 1
         v = r.value
         if v is None or r.quality is Quality.BAD or not math.isfinite(v):
             return Outcome.SKIPPED
         ts = r.timestamp
-        if ts > now + self.max_future:
+        if ts > (now if sent is None else sent) + self.max_future:
             return Outcome.FUTURE
         seconds = self.seconds
         start = math.floor(ts / seconds) * seconds
@@ -298,7 +382,12 @@ class PartitionWindows:
         else:
             return Outcome.DUPLICATE
         self._last_arrival[plant] = now
-        boundary = math.floor((ts - self.grace) / seconds) * seconds
+        if r.quality_reasons and AHEAD in r.quality_reasons:
+            return Outcome.ADDED  # its clock is known to be ahead: no vote on the watermark
+        front = self._fronts.get(plant)
+        if front is None:
+            front = self._fronts[plant] = _Front()
+        boundary = math.floor((front.see(r.sensor_id, ts, now) - self.grace) / seconds) * seconds
         if boundary > closed_through:
             self._advance(plant, boundary)
         return Outcome.ADDED
@@ -309,7 +398,12 @@ class PartitionWindows:
             self.next_offset = offset + 1
 
     def flush_idle(self, now: float) -> None:
-        """Close every window of plants that have been silent for ``idle_flush_seconds``."""
+        """Close every window of plants that have been silent for ``idle_flush_seconds``; sensors
+        silent that long leave their plant's watermark vote."""
+        for plant, front in list(self._fronts.items()):
+            front.expire(now, self.idle_flush)
+            if not front.sensors:
+                del self._fronts[plant]
         for plant, last in list(self._last_arrival.items()):
             if now - last >= self.idle_flush:
                 ends = [o.agg.end for k, o in self._open.items() if k[0] == plant]
@@ -358,29 +452,38 @@ class PartitionWindows:
 
     def _checkpoint(self) -> str:
         ct = dict(self._closed_through)
+        wm = {plant: f.leaders() for plant, f in self._fronts.items() if f.s1 is not None}
         while True:
             text = json.dumps(
-                {"v": CHECKPOINT_VERSION, "next": self.next_offset, "ct": ct},
+                {"v": CHECKPOINT_VERSION, "next": self.next_offset, "ct": ct, "wm": wm},
                 separators=(",", ":"),
             )
-            if len(text) <= MAX_CHECKPOINT_BYTES or not ct:
+            if len(text) <= MAX_CHECKPOINT_BYTES or not (ct or wm):
                 return text
             # Too many plants share this partition: forget the one closed longest ago (its late
             # readings, if any ever come, would then start a new partial window).
-            del ct[min(ct, key=lambda p: ct[p])]
+            if ct:
+                oldest = min(ct, key=lambda p: ct[p])
+                del ct[oldest]
+                wm.pop(oldest, None)
+            else:
+                wm.popitem()
 
     def _restore(self, text: str) -> None:
         try:
             data = json.loads(text)
         except ValueError:
             return  # not ours (e.g. committed by a tool): start without knowledge of closed windows
-        if not isinstance(data, dict) or data.get("v") != CHECKPOINT_VERSION:
+        if not isinstance(data, dict) or data.get("v") not in (1, CHECKPOINT_VERSION):
             return
         ct = data.get("ct", {})
         if isinstance(ct, dict):
             self._closed_through = {
                 str(k): int(v) for k, v in ct.items() if isinstance(v, int | float)
             }
+        wm = data.get("wm", {})
+        if isinstance(wm, dict):
+            self._fronts = {str(k): _Front.restore(v) for k, v in wm.items()}
         nxt = data.get("next")
         if isinstance(nxt, int):
             self._replay_until = nxt

@@ -1,15 +1,18 @@
 """The processor's consumer group: raw readings in, validated readings, alarms and windows out.
 
 One thread owns the Kafka consumer. Each turn takes what the partitions have (waiting for a first
-message, then ``batch_linger`` for more, at most ``batch_size``), validates it and checks
-thresholds (the same ``Validator`` and ``AlarmEngine`` as the gateway), feeds the 1-minute windows
+message, then ``batch_linger`` for more, at most ``batch_size``), validates it (the ``Validator``'s
+central checks: a function of the message, Kafka timestamp included, so replays flag alike) and
+checks thresholds (the same ``AlarmEngine`` as the gateway), feeds the 1-minute windows
 of each partition, produces the output messages and hands the batch to the sink writer
 (``sinks``), which writes InfluxDB and waits for Kafka's confirmations while this thread goes on
 with the next batch. Offsets are committed only for batches the writer reports done, all of whose
 predecessors are done too. The offset committed for a partition is the lowest one an open window
 still needs, with the window checkpoint as commit metadata (see ``aggregate``), so a crash or
 rebalance replays exactly what is needed to rebuild the open windows and every sink sees each
-reading at least once; InfluxDB's point identity makes that exactly once in storage.
+reading at least once; InfluxDB's point identity makes that exactly once in storage. A partition
+the group takes away is never brought back by this instance: messages of it still in hand when
+the rebalance comes are left to its new owner, and commits go to assigned partitions only.
 
 When a sink is down the writer holds its batches, the hand-over queue fills (memory stays bounded
 to a few batches), every assigned partition is paused, and consumption resumes once the writer
@@ -28,7 +31,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from gateway.common.alarms import AlarmEngine
 from gateway.common.metrics import Metrics
@@ -39,6 +49,7 @@ from gateway.processor.aggregate import Outcome, PartitionWindows, WindowAggrega
 from gateway.processor.checkpoint import Checkpoints, Key
 from gateway.processor.codec import decode_keeping_ts, reading_json
 from gateway.processor.events import Listener
+from gateway.processor.provision import beyond_hourly_task
 from gateway.processor.publish import HEADERS, Publisher, PublishFailed
 from gateway.processor.store import InfluxStore, alarm_line, reading_line, window_line
 from gateway.processor.writer import Batch, Observer, SinkWriter
@@ -96,6 +107,7 @@ class RawConsumer:
         self._checkpoints = Checkpoints()
         self._last_commit_at = 0.0
         self._caught_up: set[_Key] = set()  # partitions read to their end (for idle flush)
+        self._moved: set[_Key] = set()  # partitions a rebalance assigned or took (see _take)
         self._paused = False
         self._last_activity: dict[_Key, float] = {}  # monotonic time of the last message or EOF
         self._last_nudge = time.monotonic()
@@ -153,6 +165,7 @@ class RawConsumer:
                 self.store,
                 self._publisher,
                 self.metrics,
+                dead_letter_topic=self.config.dead_letter_topic,
                 max_lines=self.config.max_lines_in_flight,
                 retry_max_seconds=self.config.retry_max_seconds,
                 observer=self.observer,
@@ -190,18 +203,34 @@ class RawConsumer:
             log.exception("processor consumer stopped on an error")
 
     def _take(self, consumer: Consumer) -> list[Message]:
-        """What the partitions have: wait for one message, then let the batch fill briefly."""
+        """What the partitions have: wait for one message, then let the batch fill briefly.
+
+        A rebalance may run inside the second call. Messages the first one gave us of a partition
+        it moved are then void: revoked, the partition is its new owner's to read (from the
+        committed offset); assigned again, it is read again from there. (librdkafka itself voids
+        those a single call took before its callback.)"""
         c = self.config
         msgs = consumer.consume(c.batch_size, 0)
         if not msgs:
             msgs = consumer.consume(1, c.batch_timeout)
             if msgs and c.batch_size > 1:
-                msgs.extend(consumer.consume(c.batch_size - 1, c.batch_linger))
+                self._moved.clear()
+                more = consumer.consume(c.batch_size - 1, c.batch_linger)
+                if self._moved:
+                    kept = [m for m in msgs if (m.topic(), m.partition()) not in self._moved]
+                    if len(kept) < len(msgs):
+                        log.info(
+                            "left %d message(s) of partitions moved by a rebalance to their owner",
+                            len(msgs) - len(kept),
+                        )
+                    msgs = kept
+                msgs.extend(more)
         return msgs
 
     # -- rebalance -----------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._moved.update((tp.topic, tp.partition) for tp in partitions)
         for tp in self._committed(consumer, partitions):
             key = (tp.topic, tp.partition)
             checkpoint = tp.metadata if tp.offset >= 0 else None
@@ -213,6 +242,7 @@ class RawConsumer:
                 checkpoint=checkpoint,
             )
             self._checkpoints.forget(key)
+            self._caught_up.discard(key)  # read to its end only once librdkafka says so again
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _committed(
@@ -241,6 +271,7 @@ class RawConsumer:
         # but never committed by us: their PartitionWindows is no longer the current one.
         for tp in partitions:
             key = (tp.topic, tp.partition)
+            self._moved.add(key)
             self._windows.pop(key, None)
             self._checkpoints.forget(key)
             self._caught_up.discard(key)
@@ -250,15 +281,6 @@ class RawConsumer:
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     # -- processing ----------------------------------------------------------------------------
-
-    def _windows_for(self, topic: str, partition: int) -> PartitionWindows:
-        key = (topic, partition)
-        pw = self._windows.get(key)
-        if pw is None:  # assignment callback missed (should not happen): recover the checkpoint
-            assert self._consumer is not None
-            self._on_assign(self._consumer, [TopicPartition(topic, partition)])
-            pw = self._windows[key]
-        return pw
 
     def _plant_key(self, plant: str) -> bytes:
         key = self._plant_keys.get(plant)
@@ -284,7 +306,7 @@ class RawConsumer:
         quality_slot = {Quality.GOOD: 1, Quality.UNCERTAIN: 2, Quality.BAD: 3}
         raised: Counter[tuple[str, str]] = Counter()
         touched: set[_Key] = set()
-        check, evaluate = self.validator.check, self.alarms.evaluate
+        check, evaluate = self.validator.check_central, self.alarms.evaluate
         listening = bool(self.listeners)
         seen: list[Reading] = []
         alerted: list[AlarmEvent] = []
@@ -307,12 +329,22 @@ class RawConsumer:
             assert topic is not None and partition is not None and offset is not None
             key = (topic, partition)
             if key != last or pw is None:
-                last, pw = key, self._windows_for(topic, partition)
+                pw = self._windows.get(key)
+                if pw is None:
+                    # Not (or no longer) ours: never bring a partition back by processing a
+                    # message of it; its owner reads it from the committed offset.
+                    log.warning(
+                        "left a message of %s[%d]: the partition is not ours", topic, partition
+                    )
+                    last = None
+                    continue
+                last = key
                 topic_plant = plant_from_topic(topic)
                 self._caught_up.discard(key)
                 touched.add(key)
+            stamp_type, stamp = msg.timestamp()  # the sending gateway's clock (CreateTime)
             if produced is not None:
-                produced.append(msg.timestamp()[1])
+                produced.append(stamp)
             payload = msg.value()
             r, ts_text = decode_keeping_ts(payload, topic_plant)
             if isinstance(r, Rejection):
@@ -332,7 +364,8 @@ class RawConsumer:
                 send(delivery, c.dead_letter_topic, payload or b"", msg.key() or b"", headers)
                 pw.seen(offset)
                 continue
-            check(r, now)
+            sent = stamp / 1000 if stamp_type != TIMESTAMP_NOT_AVAILABLE else None
+            check(r, sent)
             events = evaluate(r)
             lines.append(reading_line(r))
             plant = r.plant_id
@@ -356,7 +389,7 @@ class RawConsumer:
                 counts = stats[plant] = [0] * 6
             counts[0] += 1
             counts[quality_slot[r.quality]] += 1
-            outcome = pw.add(r, offset, now)
+            outcome = pw.add(r, offset, now, sent)
             if outcome is Outcome.LATE:
                 counts[4] += 1
             elif outcome is Outcome.DUPLICATE:
@@ -374,6 +407,9 @@ class RawConsumer:
                     closed.append(w)
                 touched.add(key)
                 batch.window_lines.append(window_line(w))
+                hour = w.start - w.start % 3600
+                if beyond_hourly_task(hour, now):
+                    batch.late_hours.add((w.plant_id, hour))
                 send(delivery, c.aggregated_topic, orjson.dumps(w.to_dict()), w.plant_id.encode())
         for key in touched:
             pw = self._windows[key]
@@ -468,6 +504,12 @@ class RawConsumer:
             return
         offsets = self._checkpoints.due(self._windows)
         self._last_commit_at = now
+        if offsets:  # only the partitions the group gives us now, whatever our bookkeeping says
+            owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+            foreign = [tp for tp in offsets if (tp.topic, tp.partition) not in owned]
+            for tp in foreign:
+                log.warning("not committing %s[%d]: not assigned here", tp.topic, tp.partition)
+            offsets = [tp for tp in offsets if (tp.topic, tp.partition) in owned]
         if not offsets:
             return
         t0 = time.perf_counter()

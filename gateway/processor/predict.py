@@ -365,7 +365,12 @@ class Predictor:
             assert self._store is not None and self._publisher is not None
             store, publisher = self._store, self._publisher
             line = prediction_line(p)
-            self._retry(lambda: store.write(store.config.bucket, [line]), "InfluxDB")
+
+            def write() -> None:
+                for refused in store.write(store.config.bucket, [line]):  # for good: say why
+                    log.warning("InfluxDB refused a prediction for %s: %s", p.plant_id, refused)
+
+            self._retry(write, "InfluxDB")
             delivery = Delivery()
             publisher.send(delivery, self.topic, orjson.dumps(p.to_dict()), p.plant_id.encode())
             self._retry(lambda: publisher.confirm(delivery, self._abandon), "Kafka")
@@ -377,7 +382,7 @@ class Predictor:
             with self._sink_lock:
                 self._sink_pending -= 1
 
-    def _retry(self, attempt: Callable[[], None], sink: str) -> None:
+    def _retry(self, attempt: Callable[[], object], sink: str) -> None:
         """Until ``attempt`` succeeds, backing off; gives up only when abandoned."""
         n = 0
         while True:

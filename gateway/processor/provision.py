@@ -2,9 +2,15 @@
 
 Buckets: ``sensors`` (raw, 7 days), ``sensors_1m`` (30 days), ``sensors_1h`` (365 days),
 ``sensors_1d`` (forever). Two Flux tasks fill the hourly bucket from the minute partials and the
-daily one from the hourly, each re-computing a few recent periods every run: the newest minutes
-may still be written after the hour ends (grace, idle flush, a catch-up after an outage), and
+daily one from the hourly, each re-computing a few recent periods every run (6 hours, 3 days): the
+newest minutes may still be written after the hour ends (grace, idle flush, a short catch-up), and
 rewriting a period stores it once (same point identity).
+
+Minutes written later than that (a gateway back after a long outage, a processor catching up a
+long backlog) are the processor's: it notes each hour that got a window after the hourly task
+stopped looking at it and, before committing the batch, re-runs the same merge for exactly that
+plant and hour (``ROLLUP_FLUX``, ``rollups``), then for the day it falls in once that day has
+ended. Cheap (one plant-hour of partials, one plant-day of hours) and only for late data.
 
 Merging is exact because every level keeps count, sum, min, max and latest with its time: avg is
 sum / count, never an average of averages.
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from influxdb_client import (
     Bucket,
@@ -30,7 +38,10 @@ from gateway.processor.store import MEASUREMENT, InfluxConfig
 log = logging.getLogger(__name__)
 
 DAY = 86_400
+HOUR = 3600
 TASK_PREFIX = "edge-gateway downsample"
+HOURLY_LOOKBACK_HOURS = 6  # what the hourly task re-computes every run
+DAILY_LOOKBACK_DAYS = 3  # ... and the daily one
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,28 @@ class TaskSpec:
     flux: str
 
 
+@dataclass(frozen=True)
+class Level:
+    """A bucket of windows: its resolution and how far back it keeps them (0: forever)."""
+
+    bucket: str
+    seconds: int
+    retention_seconds: int
+
+
+def levels(cfg: InfluxConfig) -> list[Level]:
+    """The window buckets, finest first: 1-minute partials, hours, days."""
+    return [
+        Level(cfg.bucket_1m, 60, 30 * DAY),
+        Level(cfg.bucket_1h, 3600, 365 * DAY),
+        Level(cfg.bucket_1d, DAY, 0),
+    ]
+
+
 def buckets(cfg: InfluxConfig) -> list[BucketSpec]:
     return [
         BucketSpec(cfg.bucket, 7 * DAY),
-        BucketSpec(cfg.bucket_1m, 30 * DAY),
-        BucketSpec(cfg.bucket_1h, 365 * DAY),
-        BucketSpec(cfg.bucket_1d, 0),
+        *(BucketSpec(level.bucket, level.retention_seconds) for level in levels(cfg)),
     ]
 
 
@@ -60,15 +87,17 @@ def flux_string(value: str) -> str:
     return '"' + escaped.replace("\n", "\\n") + '"'
 
 
-def merge_flux(source_bucket: str, start: str, stop: str, every: str) -> str:
-    """Flux merging windows (minute partials, or hours) of ``source_bucket`` into ``every`` windows.
+def merge_flux(source: str, start: str, stop: str, every: str, where: str = "") -> str:
+    """Flux merging windows (minute partials, or hours) of bucket ``source`` into ``every`` windows.
 
-    Yields one table per plant, parameter and window with count, sum, min, max, avg, latest and
-    latest_time, ``_time`` being the window start.
+    Arguments are Flux expressions (a string literal, or a parameter's name). ``where`` narrows the
+    rows further (a Flux predicate on ``r``). Yields one table per plant, parameter and window with
+    count, sum, min, max, avg, latest and latest_time, ``_time`` being the window start.
     """
-    return f"""from(bucket: {flux_string(source_bucket)})
+    narrow = f"\n  |> filter(fn: (r) => {where})" if where else ""
+    return f"""from(bucket: {source})
   |> range(start: {start}, stop: {stop})
-  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}")
+  |> filter(fn: (r) => r._measurement == "{MEASUREMENT}"){narrow}
   |> filter(fn: (r) => r._field == "count" or r._field == "sum" or r._field == "min"
       or r._field == "max" or r._field == "latest" or r._field == "latest_time")
   |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")
@@ -93,6 +122,18 @@ def merge_flux(source_bucket: str, start: str, stop: str, every: str) -> str:
       avg: r.sum / float(v: r.count)}}))"""
 
 
+def _to(bucket: str, org: str) -> str:
+    """Flux writing merged windows to ``bucket`` (Flux expressions, as for ``merge_flux``)."""
+    return f"""  |> to(
+      bucket: {bucket},
+      org: {org},
+      tagColumns: ["plant_id", "parameter"],
+      fieldFn: (r) => ({{count: r.count, sum: r.sum, min: r.min, max: r.max, avg: r.avg,
+          latest: r.latest, latest_time: r.latest_time}}),
+  )
+"""
+
+
 def downsample_task(
     name: str, source: str, target: str, org: str, every: str, offset: str, lookback: str
 ) -> TaskSpec:
@@ -103,16 +144,51 @@ option task = {{name: {flux_string(name)}, every: {every}, offset: {offset}}}
 stop = date.truncate(t: now(), unit: {every})
 start = date.sub(from: stop, d: {lookback})
 
-{merge_flux(source, "start", "stop", every)}
-  |> to(
-      bucket: {flux_string(target)},
-      org: {flux_string(org)},
-      tagColumns: ["plant_id", "parameter"],
-      fieldFn: (r) => ({{count: r.count, sum: r.sum, min: r.min, max: r.max, avg: r.avg,
-          latest: r.latest, latest_time: r.latest_time}}),
-  )
-"""
+{merge_flux(flux_string(source), "start", "stop", every)}
+{_to(flux_string(target), flux_string(org))}"""
     return TaskSpec(name, flux)
+
+
+# One plant's windows of one period, merged from sourceBucket into targetBucket: what the tasks do,
+# for a period they no longer look at.
+ROLLUP_FLUX = (
+    merge_flux(
+        "sourceBucket", "rangeStart", "rangeStop", "windowEvery", where="r.plant_id == plantId"
+    )
+    + "\n"
+    + _to("targetBucket", "orgName")
+)
+
+
+def beyond_hourly_task(hour: int, now: float) -> bool:
+    """Whether the hourly task will not look at the hour starting at ``hour`` again. Its next run
+    (within the hour) re-computes the HOURLY_LOOKBACK_HOURS before the hour it runs in; one hour
+    of margin for a run that is late or slow."""
+    return hour < now - now % HOUR - (HOURLY_LOOKBACK_HOURS - 2) * HOUR
+
+
+def rollups(cfg: InfluxConfig, late: set[tuple[str, int]], now: float) -> list[dict[str, Any]]:
+    """Parameters of ROLLUP_FLUX re-computing these (plant, hour start) hours, then the days they
+    fall in that have ended (the daily bucket holds whole days; the daily task takes a day
+    within DAILY_LOOKBACK_DAYS of its end anyway, this makes it right at once)."""
+    today = now - now % DAY
+    days = sorted({(plant, hour - hour % DAY) for plant, hour in late if hour - hour % DAY < today})
+    return [
+        {
+            "sourceBucket": source,
+            "targetBucket": target,
+            "orgName": cfg.org,
+            "plantId": plant,
+            "rangeStart": datetime.fromtimestamp(start, UTC),
+            "rangeStop": datetime.fromtimestamp(start + seconds, UTC),
+            "windowEvery": timedelta(seconds=seconds),
+        }
+        for source, target, seconds, periods in (
+            (cfg.bucket_1m, cfg.bucket_1h, HOUR, sorted(late)),
+            (cfg.bucket_1h, cfg.bucket_1d, DAY, days),
+        )
+        for plant, start in periods
+    ]
 
 
 def tasks(cfg: InfluxConfig) -> list[TaskSpec]:
@@ -124,7 +200,7 @@ def tasks(cfg: InfluxConfig) -> list[TaskSpec]:
             cfg.org,
             "1h",
             "2m",
-            "6h",
+            f"{HOURLY_LOOKBACK_HOURS}h",
         ),
         downsample_task(
             f"{TASK_PREFIX} {cfg.bucket_1h} to {cfg.bucket_1d}",
@@ -133,7 +209,7 @@ def tasks(cfg: InfluxConfig) -> list[TaskSpec]:
             cfg.org,
             "1d",
             "15m",
-            "3d",
+            f"{DAILY_LOOKBACK_DAYS}d",
         ),
     ]
 

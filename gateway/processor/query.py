@@ -1,5 +1,11 @@
 """Read back what the processor stored: latest value per parameter, history, merged windows.
 
+History per window (``every``) of 1 minute or a multiple reads the stored windows, merged exactly
+(counts and sums add up, min/max combine) the way the processor built them: bad readings are not
+in them, and they reach back as far as the buckets keep them, the 1-minute partials (30 days),
+then hours (a year), then days. Other widths, or ``include_bad``, aggregate the raw readings
+(7 days), bad ones only when asked.
+
 User input never becomes Flux source. Values travel as query parameters (the client sends them as
 an AST of literals, referenced by name in the fixed Flux texts below), and are also checked
 strictly first, so a plant name carrying Flux syntax is refused with a clear message instead of
@@ -17,6 +23,7 @@ from influxdb_client import InfluxDBClient
 
 from gateway.common.model import parse_ts
 from gateway.processor.aggregate import WindowAggregate, merge
+from gateway.processor.provision import levels, merge_flux
 from gateway.processor.store import MEASUREMENT, InfluxConfig
 
 PLANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -97,10 +104,16 @@ HISTORY_RAW_FLUX = f"""from(bucket: bucketName)
   |> group()
   |> sort(columns: ["_time"])"""
 
+# Raw readings per window; bad ones only with includeBad, as the windows leave them out.
 HISTORY_EVERY_FLUX = f"""data = from(bucket: bucketName)
   |> range(start: rangeStart, stop: rangeStop)
   |> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.plant_id == plantId
-      and r.parameter == parameterName and r._field == "value")
+      and r.parameter == parameterName)
+  |> filter(fn: (r) => r._field == "value" or r._field == "quality")
+  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")
+  |> filter(fn: (r) => exists r.value and (includeBad or r.quality != "bad"))
+  |> map(fn: (r) => ({{_start: r._start, _stop: r._stop, _time: r._time, _value: r.value,
+      plant_id: r.plant_id, parameter: r.parameter}}))
   |> group(columns: ["plant_id", "parameter"])
 union(tables: [
     data |> aggregateWindow(every: windowEvery, fn: mean, createEmpty: false, timeSrc: "_start")
@@ -116,11 +129,38 @@ union(tables: [
   |> pivot(rowKey: ["_time"], columnKey: ["agg"], valueColumn: "_value")
   |> sort(columns: ["_time"])"""
 
+# Stored windows (partials, hours or days) merged into windowEvery windows.
+HISTORY_WINDOWS_FLUX = merge_flux(
+    "bucketName",
+    "rangeStart",
+    "rangeStop",
+    "windowEvery",
+    where="r.plant_id == plantId and r.parameter == parameterName",
+)
+
 WINDOWS_FLUX = f"""from(bucket: bucketName)
   |> range(start: rangeStart, stop: rangeStop)
   |> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.plant_id == plantId)
   |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")
   |> group()"""
+
+
+_MARGIN_SECONDS = 86_400  # how long before a bucket's retention ends we stop reading it
+
+
+def _floor(t: datetime, seconds: int) -> datetime:
+    """``t`` down to a multiple of ``seconds`` since the epoch (how windows are laid out)."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return t - (t - epoch) % timedelta(seconds=seconds)
+
+
+def _ceil(t: datetime, seconds: int) -> datetime:
+    down = _floor(t, seconds)
+    return down if down == t else down + timedelta(seconds=seconds)
+
+
+def _row_time(row: dict[str, Any]) -> datetime:
+    return row["_time"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +251,11 @@ class Queries:
         start: str = "-1h",
         stop: str = "now",
         every: str | None = None,
+        include_bad: bool = False,
     ) -> list[HistoryRow]:
-        """Raw readings of one parameter, or with ``every`` their mean/min/max/count per window."""
+        """Raw readings of one parameter, or with ``every`` mean/min/max/count per window: from
+        the stored windows (``every`` a multiple of 1 minute), or from the raw readings (other
+        widths, or ``include_bad``). The range is widened to whole windows."""
         now = datetime.now(UTC)
         params: dict[str, Any] = {
             "bucketName": self.config.bucket,
@@ -231,19 +274,62 @@ class Queries:
                 for r in self._run(HISTORY_RAW_FLUX, params)
             ]
         window = parse_duration(every)
-        if window <= timedelta(0):
-            raise QueryInputError("every must be a positive duration")
+        if window < timedelta(seconds=1) or window % timedelta(seconds=1):
+            raise QueryInputError("every must be a whole number of seconds, at least 1s")
         params["windowEvery"] = window
-        return [
-            HistoryRow(
-                r["_time"],
-                r.get("mean"),
-                min=r.get("min"),
-                max=r.get("max"),
-                count=int(r["count"]) if r.get("count") is not None else None,
-            )
-            for r in self._run(HISTORY_EVERY_FLUX, params)
-        ]
+        seconds = int(window.total_seconds())
+        # whole windows, on the same grid as the stored ones (UTC, from the epoch)
+        params["rangeStart"] = _floor(params["rangeStart"], seconds)
+        params["rangeStop"] = _ceil(params["rangeStop"], seconds)
+        if include_bad or seconds % 60:
+            params["includeBad"] = include_bad
+            return [
+                HistoryRow(
+                    r["_time"],
+                    r.get("mean"),
+                    min=r.get("min"),
+                    max=r.get("max"),
+                    count=int(r["count"]) if r.get("count") is not None else None,
+                )
+                for r in self._run(HISTORY_EVERY_FLUX, params)
+            ]
+        return self._history_windows(params, seconds, now)
+
+    def _history_windows(
+        self, params: dict[str, Any], seconds: int, now: datetime
+    ) -> list[HistoryRow]:
+        """Merged stored windows: each part of the range from the finest bucket that still keeps
+        it (a day's margin before its retention ends), in windows of ``seconds``."""
+        start, upper = params["rangeStart"], params["rangeStop"]
+        rows: list[HistoryRow] = []
+        for level in levels(self.config):
+            lower = start
+            if level.retention_seconds:
+                kept = now - timedelta(seconds=level.retention_seconds - _MARGIN_SECONDS)
+                lower = max(start, _ceil(kept, seconds))
+            if lower < upper:
+                if seconds % level.seconds:
+                    raise QueryInputError(
+                        f"before {lower.isoformat()} windows are kept per {level.seconds} s only: "
+                        f"use an every that is a multiple of it"
+                    )
+                part = {**params, "bucketName": level.bucket, "rangeStart": lower}
+                part["rangeStop"] = upper
+                rows[:0] = [
+                    HistoryRow(
+                        r["_time"],
+                        float(r["sum"]) / int(r["count"]),
+                        min=float(r["min"]),
+                        max=float(r["max"]),
+                        count=int(r["count"]),
+                    )
+                    for r in sorted(self._run(HISTORY_WINDOWS_FLUX, part), key=_row_time)
+                    if r.get("count")
+                ]
+                upper = lower
+            if upper <= start:
+                break
+        return rows
 
     def windows(
         self, plant: str, start: datetime, stop: datetime, *, bucket: str | None = None

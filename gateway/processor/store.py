@@ -3,13 +3,17 @@
 Exactly once comes from point identity, not from bookkeeping: a point is measurement + tags +
 timestamp, so writing a replayed reading again overwrites it with itself. Writes use the client's
 synchronous write service with our own batches (``batch_lines``, gzip): a batch either succeeded or
-raised, so the consumer commits offsets only for what InfluxDB acknowledged. The client's batching
+raised, so the consumer commits offsets only for what InfluxDB acknowledged. Lines InfluxDB refuses
+for good (malformed, a field type conflict, outside the bucket's retention) are singled out by
+splitting the batch, and returned with the reason: the writer dead-letters them, none is dropped
+silently. The client's batching
 mode is avoided because its flush on close can drop points silently. We gzip ourselves at level 1:
 the client's level 9 costs five times the CPU for a body 20 % smaller, on a machine whose cores the
 processor shares with Kafka and InfluxDB.
 
 Schema (the design's): measurement ``water_quality``, tags sensor_id, parameter, plant_id,
-location, fields value (float), quality, unit (+ ``reasons`` when there are any); measurement
+location, fields value (float, left out when there is none), quality, unit, reasons (comma
+separated, empty when there are none: always written, so a rewrite replaces them); measurement
 ``alerts`` in the same bucket; windows in bucket ``sensors_1m`` as measurement ``water_quality``
 tagged plant_id, parameter and ``source`` (the Kafka partition whose readings the partial covers);
 measurement ``predictions`` in the raw bucket, tagged plant_id and model, fields prediction,
@@ -19,10 +23,13 @@ confidence and the inputs it was made from.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.rest import ApiException
@@ -78,9 +85,24 @@ class StoreUnavailable(Exception):
     """InfluxDB did not take the batch (down, timeout, 5xx): retry later, do not commit."""
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A line InfluxDB will never take, and why."""
+
+    bucket: str
+    line: str
+    reason: str  # malformed, field_type_conflict, beyond_retention, refused
+    detail: str  # InfluxDB's message
+
+
 # --- line protocol (pure) -------------------------------------------------------------------------
 
-_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\", "\n": " "})
+# Line protocol has no escape for a line break: one would end the point. In tags it becomes an
+# (escaped) space, in string fields a space.
+_TAG_ESCAPES = str.maketrans(
+    {",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\", "\n": r"\ ", "\r": r"\ "}
+)
+_STR_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": " ", "\r": " "})
 
 
 def _tag(value: str) -> str:
@@ -88,7 +110,7 @@ def _tag(value: str) -> str:
 
 
 def _str_field(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+    return '"' + value.translate(_STR_ESCAPES) + '"'
 
 
 def _tags(pairs: Sequence[tuple[str, str]]) -> str:
@@ -132,9 +154,10 @@ def reading_line(r: Reading) -> str:
     v = r.value
     if v is not None and math.isfinite(v):
         line = f"{line},value={float(v)!r}"
-    if r.quality_reasons:
-        line += f",reasons={_str_field(','.join(r.quality_reasons))}"
-    return f"{line} {round(r.timestamp * 1000)}"
+    # Always written, empty when there are none: InfluxDB keeps the fields a rewrite leaves out,
+    # so a replay that clears a flag must say so.
+    reasons = _str_field(",".join(r.quality_reasons)) if r.quality_reasons else '""'
+    return f"{line},reasons={reasons} {round(r.timestamp * 1000)}"
 
 
 def alarm_line(e: AlarmEvent) -> str:
@@ -204,24 +227,28 @@ class InfluxStore:
         self._service = WriteService(self._client.api_client)
         self.rejected_lines = 0
 
-    def write_readings(self, readings: Sequence[Reading]) -> None:
-        self.write(self.config.bucket, [reading_line(r) for r in readings])
+    def write_readings(self, readings: Sequence[Reading]) -> list[Refused]:
+        return self.write(self.config.bucket, [reading_line(r) for r in readings])
 
-    def write_alarms(self, events: Sequence[AlarmEvent]) -> None:
-        self.write(self.config.bucket, [alarm_line(e) for e in events])
+    def write_alarms(self, events: Sequence[AlarmEvent]) -> list[Refused]:
+        return self.write(self.config.bucket, [alarm_line(e) for e in events])
 
-    def write_windows(self, windows: Sequence[WindowAggregate]) -> None:
-        self.write(self.config.bucket_1m, [window_line(w) for w in windows])
+    def write_windows(self, windows: Sequence[WindowAggregate]) -> list[Refused]:
+        return self.write(self.config.bucket_1m, [window_line(w) for w in windows])
 
-    def write(self, bucket: str, lines: Sequence[str]) -> None:
+    def write(self, bucket: str, lines: Sequence[str]) -> list[Refused]:
         """Write in requests of about ``batch_lines`` lines (5,300 lines go in one request, not
-        5,000 and a 300 line straggler that costs a round trip of its own)."""
+        5,000 and a 300 line straggler that costs a round trip of its own). Returns the lines
+        InfluxDB refused for good (all others are stored); raises StoreUnavailable if a retry
+        may help."""
+        refused: list[Refused] = []
         chunks = max(1, round(len(lines) / self.config.batch_lines))
         size = -(-len(lines) // chunks)
         for i in range(0, len(lines), size):
-            self._write_batch(bucket, lines[i : i + size])
+            self._write_batch(bucket, lines[i : i + size], refused)
+        return refused
 
-    def _write_batch(self, bucket: str, lines: Sequence[str]) -> None:
+    def _write_batch(self, bucket: str, lines: Sequence[str], refused: list[Refused]) -> None:
         try:
             self._service.post_write(
                 org=self.config.org,
@@ -233,29 +260,56 @@ class InfluxStore:
             )
         except ApiException as e:
             status = e.status or 0
-            if status == 422:
-                # Well-formed but some points refused for good (outside the bucket's retention,
-                # field type conflict): the rest were written; retrying cannot help.
-                self.rejected_lines += 1
+            if status in (400, 422):
+                # 400: a malformed line fails the whole batch. 422: well-formed, but some points
+                # refused for good (field type conflict, outside the bucket's retention) while the
+                # rest were written. Retrying cannot help: split until the refused lines are
+                # singled out (writing a stored point again stores it once).
                 self.metrics.influx_write_failures.inc()
-                log.warning("InfluxDB refused part of a batch to %s: %s", bucket, _body(e))
-                return
-            if status == 400 and len(lines) > 1:
-                # A malformed line fails the whole batch; split to write all the others.
+                detail = _message(e)
+                if len(lines) == 1 or (status == 422 and _dropped(detail) == len(lines)):
+                    self._refuse(bucket, lines, status, detail, refused)
+                    return
                 half = len(lines) // 2
-                self._write_batch(bucket, lines[:half])
-                self._write_batch(bucket, lines[half:])
-                return
-            if status == 400:
-                self.rejected_lines += 1
-                self.metrics.influx_write_failures.inc()
-                log.error("InfluxDB rejected a line for %s: %s: %.300s", bucket, _body(e), lines[0])
+                self._write_batch(bucket, lines[:half], refused)
+                self._write_batch(bucket, lines[half:], refused)
                 return
             self.metrics.influx_write_failures.inc()
             raise StoreUnavailable(f"InfluxDB answered {status}: {_body(e)}") from None
         except Exception as e:  # connection refused, timeout, DNS: all transient here
             self.metrics.influx_write_failures.inc()
             raise StoreUnavailable(f"InfluxDB write failed: {e.__class__.__name__}: {e}") from None
+
+    def _refuse(
+        self, bucket: str, lines: Sequence[str], status: int, detail: str, out: list[Refused]
+    ) -> None:
+        if status == 400:
+            reason = "malformed"
+        elif "field type conflict" in detail:
+            reason = "field_type_conflict"
+        elif "retention" in detail:
+            reason = "beyond_retention"
+        else:
+            reason = "refused"
+        out.extend(Refused(bucket, line, reason, detail) for line in lines)
+        self.rejected_lines += len(lines)
+        self.metrics.influx_refused_lines.labels(bucket=bucket, reason=reason).inc(len(lines))
+        log.warning(
+            "InfluxDB refused %d line(s) for %s (%s), dead-lettered: %s: %.300s",
+            len(lines),
+            bucket,
+            reason,
+            detail,
+            lines[0],
+        )
+
+    def query(self, flux: str, params: dict[str, Any]) -> None:
+        """Run a Flux script for its effect (e.g. ``to()``); StoreUnavailable if it failed."""
+        try:
+            self._client.query_api().query(flux, org=self.config.org, params=params)
+        except Exception as e:
+            self.metrics.influx_write_failures.inc()
+            raise StoreUnavailable(f"InfluxDB query failed: {e.__class__.__name__}: {e}") from None
 
     def ping(self) -> bool:
         try:
@@ -270,3 +324,19 @@ class InfluxStore:
 def _body(e: ApiException) -> str:
     body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
     return body[:300] or str(e.reason)
+
+
+def _message(e: ApiException) -> str:
+    """InfluxDB's error message (its JSON body's ``message``), or the body as it is."""
+    body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or body or e.reason)[:1000]
+
+
+def _dropped(message: str) -> int | None:
+    """How many points a partial write dropped (``... dropped=3``), if InfluxDB says."""
+    m = re.search(r"dropped=(\d+)", message)
+    return int(m.group(1)) if m else None

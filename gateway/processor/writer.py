@@ -3,10 +3,15 @@
 The consumer thread hands each processed batch over through a queue bounded in lines (its memory
 bound, whatever the batch sizes) and goes on with the next one. This thread writes the batches to
 InfluxDB, coalescing what is queued into requests of about ``batch_lines`` lines (small batches
-at a low rate, full ones under load), then waits for the Kafka confirmations of their messages,
-and only then reports them done, in the order they were handed over. The consumer
+at a low rate, full ones under load), re-downsamples the hours (and ended days) that got windows
+too late for the hourly task (see ``provision``), then waits for the Kafka confirmations of their
+messages, and only then reports them done, in the order they were handed over. The consumer
 commits the offsets a batch recorded once it is done; since batches complete in order, every
 batch up to it has been written too.
+
+Lines InfluxDB refuses for good go to the dead-letter topic (payload: the line; headers: reason
+``influx_refused``, InfluxDB's message as detail, the bucket) and count into
+``iot_influxdb_refused_lines_total``; the batch is done once their delivery is confirmed too.
 
 A failing sink is retried with back-off, holding the batches; the queue then fills and the
 consumer pauses consumption. Nothing is dropped except on ``close`` while a sink is down, where
@@ -25,8 +30,9 @@ from dataclasses import dataclass, field
 from gateway.common.metrics import Metrics
 from gateway.common.supervise import Heartbeat
 from gateway.processor.aggregate import CommitPoint, PartitionWindows
-from gateway.processor.publish import Delivery, Publisher, PublishFailed
-from gateway.processor.store import InfluxStore, StoreUnavailable
+from gateway.processor.provision import ROLLUP_FLUX, rollups
+from gateway.processor.publish import HEADERS, Delivery, Publisher, PublishFailed
+from gateway.processor.store import InfluxStore, Refused, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ class Batch:
     )
     readings: int = 0
     produced_ms: list[int] | None = None  # for an observer (the bench): Kafka timestamps
+    # (plant, hour start) of hours that got a window after the hourly task stopped looking
+    late_hours: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def empty(self) -> bool:
@@ -66,6 +74,7 @@ class SinkWriter:
         publisher: Publisher,
         metrics: Metrics,
         *,
+        dead_letter_topic: str = "sensors.deadletter",
         max_lines: int = 20_000,
         retry_max_seconds: float = 10.0,
         observer: Observer | None = None,
@@ -76,6 +85,7 @@ class SinkWriter:
         self.retry_max = retry_max_seconds
         self.observer = observer
         self.max_lines = max_lines
+        self.dead_letter_topic = dead_letter_topic
         self._cond = threading.Condition()
         self._queue: deque[Batch] = deque()
         self._queued = 0  # sum of the queued batches' sizes
@@ -187,9 +197,10 @@ class SinkWriter:
     def _deliver(self, group: list[Batch]) -> bool:
         """Write the group to every sink, retrying; False only when abandoned unwritten."""
         attempt, steps = 0, set[str]()
+        letters = Delivery()  # the group's lines InfluxDB refused, on their way to dead letters
         while True:
             try:
-                self._write(group, steps)
+                self._write(group, steps, letters)
                 if self.down_since is not None:
                     log.warning("sinks back after %.1f s", time.time() - self.down_since)
                     self.down_since = None
@@ -205,23 +216,42 @@ class SinkWriter:
                     return False
                 attempt += 1
 
-    def _write(self, group: list[Batch], steps: set[str]) -> None:
+    def _write(self, group: list[Batch], steps: set[str], letters: Delivery) -> None:
         hist = self.metrics.processing_latency
         store = self.store
         if "store" not in steps:
             lines = [line for b in group for line in b.lines]
             if lines:
                 t0 = time.perf_counter()
-                store.write(store.config.bucket, lines)
+                self._dead_letter(store.write(store.config.bucket, lines), letters)
                 hist.labels(stage="store").observe(time.perf_counter() - t0)
             steps.add("store")
         if "windows" not in steps:
             window_lines = [line for b in group for line in b.window_lines]
             if window_lines:
-                store.write(store.config.bucket_1m, window_lines)
+                self._dead_letter(store.write(store.config.bucket_1m, window_lines), letters)
             steps.add("windows")
+        if "rollup" not in steps:
+            late = set[tuple[str, int]]().union(*(b.late_hours for b in group))
+            for params in rollups(store.config, late, time.time()) if late else []:
+                store.query(ROLLUP_FLUX, params)
+                self.metrics.late_rollups.labels(bucket=params["targetBucket"]).inc()
+            steps.add("rollup")
         t0 = time.perf_counter()
         for b in group:
             self.publisher.confirm(b.delivery, self._abandon)
+        self.publisher.confirm(letters, self._abandon)
         if any(b.delivery.sent for b in group):
             hist.labels(stage="publish").observe(time.perf_counter() - t0)
+
+    def _dead_letter(self, refused: list[Refused], letters: Delivery) -> None:
+        for r in refused:
+            headers = [
+                ("content-type", b"text/plain; charset=utf-8"),
+                *HEADERS[1:],
+                ("reason", b"influx_refused"),
+                ("detail", r.detail.encode()),
+                ("bucket", r.bucket.encode()),
+                ("influx-reason", r.reason.encode()),
+            ]
+            self.publisher.send(letters, self.dead_letter_topic, r.line.encode(), b"", headers)

@@ -1,5 +1,4 @@
-"""Fixtures of the processor's integration tests: Kafka and InfluxDB with the buckets provisioned,
-and an InfluxDB client with its config."""
+"""Fixtures of the processor's integration tests: Kafka and InfluxDB, buckets and tasks in place."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import pytest
 from tests.support.processor_harness import ensure_buckets, influx_config
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def servers(kafka_env, influx_env):
     env = {**kafka_env, **influx_env}
     ensure_buckets(env)
@@ -17,6 +16,7 @@ def servers(kafka_env, influx_env):
 
 @pytest.fixture
 def influx(servers):
+    """A client of the real InfluxDB and the processor's InfluxDB config for it."""
     cfg = influx_config(servers)
     with cfg.client() as client:
         yield client, cfg

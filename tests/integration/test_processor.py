@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,13 +21,15 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import Reading
 from gateway.processor.aggregate import window_start
 from gateway.processor.provision import TASK_PREFIX
-from gateway.processor.query import LATEST_FLUX, Queries
+from gateway.processor.query import Queries, QueryInputError
 from gateway.processor.store import InfluxStore
 from tests.support.processor_harness import (
-    ROOT,
     Processor,
     assert_windows_match_raw,
+    cli,
+    cli_config,
     make_dataset,
+    partials_of,
     produce,
     raw_points,
     read_topic,
@@ -137,32 +137,12 @@ def test_two_instances_with_one_sigkilled_mid_run_give_the_same_aggregates(
     assert first.returncode == -9
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _config(tmp_path, servers) -> str:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f'[influxdb]\nurl = "{servers["INFLUXDB_URL"]}"\norg = "{servers["INFLUXDB_ORG"]}"\n'
-        'token = "env:INFLUXDB_TOKEN"\n'
-    )
-    return str(path)
-
-
 def test_setup_influx_twice_leaves_four_buckets_and_two_tasks(servers, influx, tmp_path):
     client, _ = influx
-    config = _config(tmp_path, servers)
+    config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
     for _ in range(2):
-        result = _cli("processor", "setup-influx", "--config", config, env=env)
+        result = cli("processor", "setup-influx", "--config", config, env=env)
         assert result.returncode == 0, result.stderr
     assert "created" not in result.stdout  # the second run found everything in place
 
@@ -191,7 +171,7 @@ EVIL = 'x") |> drop(columns: ["_value"]) |> yield(name: "pwned") //'
 
 
 def test_a_plant_name_carrying_flux_is_rejected_by_the_cli(servers, tmp_path):
-    config = _config(tmp_path, servers)
+    config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
     for args in (
         ["query", "latest", "--plant", EVIL],
@@ -199,48 +179,71 @@ def test_a_plant_name_carrying_flux_is_rejected_by_the_cli(servers, tmp_path):
         ["query", "history", "--plant", "north", "--parameter", 'pH" or true //'],
         ["query", "history", "--plant", "north", "--parameter", "pH", "--start", "-1h) |> x("],
     ):
-        result = _cli(*args, "--config", config, env=env)
+        result = cli(*args, "--config", config, env=env)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "invalid" in result.stderr
 
 
-def test_flux_syntax_in_a_parameter_value_is_matched_literally(servers, influx):
-    """Even past validation, values travel as Flux parameters: data, never code."""
+def test_plant_names_reach_influxdb_as_data_never_as_flux(servers, influx, tmp_path):
+    """Through the product's query path (Queries and the CLI): a plant name carrying Flux is
+    refused before anything is sent, even with such a plant's readings stored; a name that passes
+    the check yet would be code if spliced into the Flux text is matched as data."""
     client, cfg = influx
     now = time.time()
+    run = uuid.uuid4().hex[:8]
     store = InfluxStore(cfg, Metrics())
     store.write_readings([Reading("s-1", "pH", 7.0, "pH", now - 60, plant_id=EVIL)])
-    rows = client.query_api().query(
-        LATEST_FLUX,
-        org=cfg.org,
-        params={
-            "bucketName": cfg.bucket,
-            "plantId": EVIL,
-            "rangeStart": datetime.now(UTC) - timedelta(hours=1),
-        },
+    q = Queries(client, cfg)
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    for ask in (
+        lambda: q.latest(EVIL),
+        lambda: q.history(EVIL, "pH", start="-1h"),
+        lambda: q.history(EVIL, "pH", start="-1h", every="1m"),
+        lambda: q.windows(EVIL, hour_ago, datetime.now(UTC)),
+    ):
+        with pytest.raises(QueryInputError, match="invalid plant"):
+            ask()
+
+    # Spliced into `r.plant_id == <plant>`, this name would match every plant's readings.
+    code = "r.plant_id"
+    mine, other = f"literal-{run}", f"other-{run}"
+    store.write_readings(
+        [
+            Reading(mine, "pH", 6.25, "pH", now - 30, plant_id=code),
+            Reading("b-1", "BOD", 99.0, "mg/L", now - 20, plant_id=other),
+        ]
     )
-    values = {(r.values["plant_id"], r.values["_field"]) for t in rows for r in t.records}
-    assert values == {(EVIL, "value"), (EVIL, "quality"), (EVIL, "unit")}
-    assert all(t.records[0].values.get("result") != "pwned" for t in rows)
+    latest = q.latest(code, since="-1h")
+    assert [(i.parameter, i.sensor_id, i.value) for i in latest] == [("pH", mine, 6.25)]
+    config = cli_config(tmp_path, servers)
+    env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
+    args = ["--plant", code, "--start", "-1m", "--json", "--config", config]
+    shown = cli("query", "history", "--parameter", "pH", *args, env=env)
+    assert shown.returncode == 0, shown.stderr
+    rows = json.loads(shown.stdout)
+    assert rows and all(r["sensorId"].startswith("literal-") for r in rows)
+    shown = cli("query", "history", "--parameter", "BOD", *args, env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout) == []
 
 
 def test_query_cli_shows_latest_and_history(servers, influx, tmp_path):
     client, cfg = influx
     plant = f"cli-{int(time.time())}"
     now = time.time()
-    InfluxStore(cfg, Metrics()).write_readings(
-        [
-            Reading("ph-1", "pH", 7.0 + i / 10, "pH", now - 300 + i * 30, plant_id=plant)
-            for i in range(10)
-        ]
-    )
-    config = _config(tmp_path, servers)
+    readings = [
+        Reading("ph-1", "pH", 7.0 + i / 10, "pH", now - 300 + i * 30, plant_id=plant)
+        for i in range(10)
+    ]
+    store = InfluxStore(cfg, Metrics())
+    store.write_readings(readings)
+    store.write_windows(partials_of(readings))  # what the processor writes besides
+    config = cli_config(tmp_path, servers)
     env = {"INFLUXDB_TOKEN": servers["INFLUXDB_TOKEN"]}
-    latest = _cli("query", "latest", "--plant", plant, "--json", "--config", config, env=env)
+    latest = cli("query", "latest", "--plant", plant, "--json", "--config", config, env=env)
     assert latest.returncode == 0, latest.stderr
     (item,) = json.loads(latest.stdout)
     assert (item["parameter"], item["value"], item["quality"]) == ("pH", 7.9, "good")
-    hist = _cli(
+    hist = cli(
         "query",
         "history",
         "--plant",
@@ -258,6 +261,6 @@ def test_query_cli_shows_latest_and_history(servers, influx, tmp_path):
     )
     assert hist.returncode == 0, hist.stderr
     assert sum(r["count"] for r in json.loads(hist.stdout)) == 10
-    table = _cli("query", "latest", "--plant", plant, "--config", config, env=env)
+    table = cli("query", "latest", "--plant", plant, "--config", config, env=env)
     assert "pH" in table.stdout and "7.9" in table.stdout
     assert Queries(client, cfg).history(plant, "pH", start="-10m")[-1].value == 7.9

@@ -20,19 +20,24 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 from influxdb_client import InfluxDBClient
 
 from gateway.common.model import Quality, Reading, format_ts
 from gateway.common.validate import DEFAULT_RANGES
-from gateway.processor.aggregate import WindowAggregate, aggregatable, window_start
+from gateway.processor.aggregate import (
+    PartitionWindows,
+    WindowAggregate,
+    aggregatable,
+    window_start,
+)
 from gateway.processor.provision import provision
 from gateway.processor.query import Queries
 from gateway.processor.store import InfluxConfig
@@ -70,11 +75,12 @@ class Dataset:
     plants: list[str]
     readings: list[Reading]  # well-formed readings, in event-time order
     odd: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # topic, key, payload
+    odd_stored: int = 1  # odd payloads that still make a raw point (make_dataset's "ERR" one)
 
     @property
     def stored_expected(self) -> int:
-        """Raw points InfluxDB must hold: every reading, plus the string-valued one (bad)."""
-        return len(self.readings) + 1
+        """Raw points InfluxDB must hold: every reading, plus the odd ones stored (bad)."""
+        return len(self.readings) + self.odd_stored
 
     def first_ts(self) -> float:
         return self.readings[0].timestamp
@@ -137,6 +143,13 @@ def raw_topic(plant: str) -> str:
     return f"sensors.raw.{plant}"
 
 
+def create_topic(kafka: dict[str, str], topic: str, partitions: int) -> None:
+    """Create ``topic`` with that many partitions (before anything auto-creates it)."""
+    admin = AdminClient({"bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"]})
+    for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        future.result(30)
+
+
 def produce(
     kafka: dict[str, str],
     data: Dataset,
@@ -144,9 +157,12 @@ def produce(
     seconds: float = 0.0,
     on_progress: Any = None,
     resend_every: int = 0,
+    sent_at: Callable[[Reading], float] | None = None,
 ) -> None:
     """Produce the dataset to the raw topics, keyed by sensorId as the gateway does; paced over
-    ``seconds`` when given. ``on_progress(fraction)`` is called after each chunk.
+    ``seconds`` when given. ``on_progress(fraction)`` is called after each chunk. ``sent_at``
+    gives a reading's Kafka timestamp (the forwarding gateway's clock); by default the producer
+    stamps the time it sends.
 
     ``resend_every``: every so many readings is sent a second time, 40 or 400 messages later, as
     a gateway does after a crash (at least once): a re-sent reading is then in its open window,
@@ -160,20 +176,28 @@ def produce(
         }
     )
     headers = [("content-type", b"application/json"), ("source", b"iot-gateway")]
-    msgs = [(raw_topic(r.plant_id), r.sensor_id.encode(), r.to_json()) for r in data.readings]
+    msgs = [
+        (
+            raw_topic(r.plant_id),
+            r.sensor_id.encode(),
+            r.to_json(),
+            round(sent_at(r) * 1000) if sent_at is not None else 0,
+        )
+        for r in data.readings
+    ]
     if resend_every:
         for i in range(len(msgs) - 1, -1, -resend_every):  # from the end: indexes stay valid
             msgs.insert(min(len(msgs), i + (40 if i % 2 else 400)), msgs[i])
     mid = len(msgs) // 2
-    msgs[mid:mid] = data.odd
+    msgs[mid:mid] = [(topic, key, value, 0) for topic, key, value in data.odd]
     chunks = 50
     size = math.ceil(len(msgs) / chunks)
     t0 = time.monotonic()
     for c in range(chunks):
-        for topic, key, value in msgs[c * size : (c + 1) * size]:
+        for topic, key, value, ts_ms in msgs[c * size : (c + 1) * size]:
             while True:
                 try:
-                    p.produce(topic, value, key or None, headers=headers)
+                    p.produce(topic, value, key or None, headers=headers, timestamp=ts_ms)
                     break
                 except BufferError:
                     p.poll(0.05)
@@ -200,6 +224,12 @@ class Processor:
     extra_config: str = ""  # more TOML, appended to the generated file
     env: dict[str, str] = field(default_factory=dict)  # more environment for the processes
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # more keys per config section, e.g. {"validation": {"max_age": 20}}
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        return f"edge-processor-test-{self.data.run}"
 
     @property
     def topics(self) -> dict[str, str]:
@@ -215,7 +245,7 @@ class Processor:
             f"""
 [processor]
 bootstrap_servers = "{self.kafka["KAFKA_BOOTSTRAP_SERVERS"]}"
-group_id = "edge-processor-test-{self.data.run}"
+group_id = "{self.group}"
 topic_pattern = '^sensors\\.raw\\.p{self.data.run}-.*'
 validated_topic = "{t["validated"]}"
 alerts_topic = "{t["alerts"]}"
@@ -235,6 +265,12 @@ org = "{self.influx.get("INFLUXDB_ORG", "plant-ops")}"
 token = "env:INFLUXDB_TOKEN"
 {self.extra_config}"""
         )
+        text = path.read_text()
+        for section, values in self.settings.items():
+            lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+            head = f"[{section}]\n"
+            text = text.replace(head, head + lines) if head in text else text + head + lines
+        path.write_text(text)
         return path
 
     def start(
@@ -296,6 +332,42 @@ token = "env:INFLUXDB_TOKEN"
         )
 
 
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``edge-gateway ARGS`` as a user runs it, with ``env`` added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def cli_config(workdir: Path, influx: dict[str, str]) -> str:
+    """A config file with only the [influxdb] section, for the query and setup commands."""
+    path = workdir / "config.toml"
+    path.write_text(
+        f'[influxdb]\nurl = "{influx["INFLUXDB_URL"]}"\norg = "{influx["INFLUXDB_ORG"]}"\n'
+        'token = "env:INFLUXDB_TOKEN"\n'
+    )
+    return str(path)
+
+
+def partials_of(readings: list[Reading]) -> list[WindowAggregate]:
+    """The closed partial windows the processor would write for these readings, each sensor's on
+    a partition of its own."""
+    sensors = sorted({r.sensor_id for r in readings})
+    parts = {s: PartitionWindows(f"t/{k}") for k, s in enumerate(sensors)}
+    for offset, r in enumerate(readings):
+        parts[r.sensor_id].add(r, offset, time.time())
+    out = []
+    for pw in parts.values():
+        pw.flush_idle(time.time() + 3600)
+        out.extend(pw.take_closed())
+    return out
+
+
 # --- reading results back --------------------------------------------------------------------
 
 
@@ -319,20 +391,26 @@ def _range(data: Dataset) -> tuple[datetime, datetime]:
     return (datetime.fromtimestamp(t - 3600, UTC), datetime.fromtimestamp(t + 3 * 3600, UTC))
 
 
-def raw_points(client: InfluxDBClient, cfg: InfluxConfig, data: Dataset) -> list[dict[str, Any]]:
-    """Every stored raw point of the run's plants: one row per point with value and quality."""
+def raw_points(
+    client: InfluxDBClient,
+    cfg: InfluxConfig,
+    data: Dataset,
+    fields: tuple[str, ...] = ("value", "quality"),
+) -> list[dict[str, Any]]:
+    """Every stored raw point of the run's plants: one row per point with these fields."""
     start, stop = _range(data)
     flux = """from(bucket: bucketName)
   |> range(start: rangeStart, stop: rangeStop)
   |> filter(fn: (r) => r._measurement == "water_quality")
   |> filter(fn: (r) => contains(value: r.plant_id, set: plants))
-  |> filter(fn: (r) => r._field == "value" or r._field == "quality")
+  |> filter(fn: (r) => contains(value: r._field, set: fields))
   |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")"""
     params = {
         "bucketName": cfg.bucket,
         "rangeStart": start,
         "rangeStop": stop,
         "plants": data.plants,
+        "fields": list(fields),
     }
     tables = client.query_api().query(flux, org=cfg.org, params=params)
     return [rec.values for t in tables for rec in t.records]
@@ -433,6 +511,35 @@ def pytest_approx(v: float) -> Any:
     import pytest
 
     return pytest.approx(v, rel=1e-12, abs=1e-12)
+
+
+def committed_offsets(kafka: dict[str, str], group: str, topic: str) -> dict[int, tuple[int, int]]:
+    """Per partition of ``topic``: the group's committed offset and the partition's end."""
+    c = Consumer({"bootstrap.servers": kafka["KAFKA_BOOTSTRAP_SERVERS"], "group.id": group})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in parts]
+        return {
+            tp.partition: (tp.offset, c.get_watermark_offsets(tp, timeout=10)[1])
+            for tp in c.committed(tps, timeout=10)
+        }
+    finally:
+        c.close()
+
+
+def wait_committed_to_end(
+    kafka: dict[str, str], group: str, topic: str, proc: Processor, timeout: float = 90.0
+) -> None:
+    """Until the group has committed every partition of ``topic`` up to its end (everything read,
+    stored and its windows closed)."""
+    deadline = time.monotonic() + timeout
+    offsets: dict[int, tuple[int, int]] = {}
+    while time.monotonic() < deadline:
+        offsets = committed_offsets(kafka, group, topic)
+        if offsets and all(committed == end for committed, end in offsets.values()):
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{group} not committed to the end of {topic}: {offsets}\n{proc.logs()}")
 
 
 def read_topic(

@@ -195,3 +195,34 @@ def test_arbitrary_readings_never_raise(items):
         assert r.quality in Quality
         assert r.value is None or math.isfinite(r.value)
         assert r.quality.worst(quality) is r.quality  # quality never improves
+
+
+def test_a_reading_ahead_of_its_gateways_clock_is_flagged_against_that_clock():
+    """Centrally the gateway's clock is the Kafka timestamp it sent the reading with."""
+    v = validator()
+    fast = v.check_ahead(reading(ts=NOW + 240), clock=NOW)
+    assert (fast.quality, fast.quality_reasons) == (UNCERTAIN, ["stale:future"])
+    on_time = v.check_ahead(reading(ts=NOW + 4), clock=NOW)  # within max_future (5 s)
+    assert (on_time.quality, on_time.quality_reasons) == (GOOD, [])
+    old = v.check_ahead(reading(ts=NOW - 3600), clock=NOW)  # a backlog: not the rule's business
+    assert (old.quality, old.quality_reasons) == (GOOD, [])
+
+
+def test_central_checks_are_a_function_of_the_message_alone():
+    """The processor's checks: whatever came before and whenever they run, the same message gets
+    the same flags (history and staleness are the gateway's, carried in the reading)."""
+    early, late = (
+        Validator(ValidationConfig(), clock=lambda: NOW),
+        Validator(ValidationConfig(), clock=lambda: NOW + 86_400),
+    )
+    for i in range(400):  # a flatline's worth of history for one of them only
+        early.check_central(reading(value=7.0, ts=NOW + i), sent=NOW + i)
+    for v in (early, late):
+        r = v.check_central(reading(value=7.0, ts=NOW + 400), sent=NOW + 400)
+        assert (r.quality, r.quality_reasons) == (GOOD, [])
+        bad = v.check_central(reading(value=15.0, ts=NOW + 400), sent=NOW + 400)
+        assert (bad.quality, bad.quality_reasons) == (BAD, ["out_of_range"])
+        kept = v.check_central(
+            reading(value=7.0, ts=NOW, quality=UNCERTAIN, quality_reasons=["flatline"]), sent=None
+        )
+        assert (kept.quality, kept.quality_reasons) == (UNCERTAIN, ["flatline"])

@@ -100,6 +100,47 @@ def test_a_timestamp_far_in_the_future_does_not_close_everything():
     pw.add(reading(T0 + 1), 0, NOW)
     assert pw.add(reading(NOW + 86_400), 1, NOW) is Outcome.FUTURE
     assert pw.take_closed() == []
+    # Within max_future (so stored and aggregated): a probe whose clock is 240 s fast must not
+    # close the windows of the plant's on-time sensors either.
+    assert pw.add(reading(T0 + 240, sensor="ph-fast"), 2, NOW) is Outcome.ADDED
+    assert pw.take_closed() == []
+    assert pw.add(reading(T0 + 30), 3, NOW) is Outcome.ADDED
+
+
+def test_one_fast_probe_leaves_the_other_sensors_readings_in_their_windows():
+    """Reproduces the review: a probe 240 s ahead made on-time readings LATE. One sensor, however
+    far ahead, is outvoted: the watermark is the second most advanced sensor's time."""
+    pw = windows()
+    outcomes = []
+    for i in range(150):  # two on-time sensors for 2.5 minutes, a fast one alongside
+        t = T0 + i
+        outcomes.append(pw.add(reading(t, 7.0, sensor="ph-1"), 3 * i, NOW))
+        outcomes.append(
+            pw.add(reading(t + 0.5, 50.0, parameter="BOD", sensor="bod-1"), 3 * i + 1, NOW)
+        )
+        outcomes.append(
+            pw.add(reading(t + 240, 20.0, parameter="temperature", sensor="t-fast"), 3 * i + 2, NOW)
+        )
+    assert set(outcomes) == {Outcome.ADDED}
+    closed = {(w.parameter, w.start): w.count for w in pw.take_closed()}
+    # closed by the on-time sensors' progress (149.5 s): the first two minutes, each complete
+    assert closed == {(p, T0 + m): 60 for p in ("pH", "BOD") for m in (0, 60)}
+    pw.flush_idle(NOW + 1000)
+    counts = {(w.parameter, w.start): w.count for w in pw.take_closed()}
+    assert counts[("pH", T0 + 120)] == counts[("BOD", T0 + 120)] == 30
+    assert sum(n for (p, _), n in counts.items() if p == "temperature") == 150
+
+
+def test_a_reading_flagged_ahead_of_its_gateways_clock_never_moves_the_watermark():
+    """The first reading of a partition may come from the fast probe: flagged by the validator
+    (stale:future), it is aggregated in its own window but closes nobody's."""
+    pw = windows()
+    fast = reading(T0 + 240, sensor="ph-fast")
+    fast.flag(Quality.UNCERTAIN, "stale:future")
+    assert pw.add(fast, 0, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 1), 1, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 30), 2, NOW) is Outcome.ADDED
+    assert pw.take_closed() == []
 
 
 def test_commit_point_is_the_lowest_offset_an_open_window_needs():
@@ -144,16 +185,16 @@ def _by_window(ws: list[WindowAggregate]) -> dict:
     return {(w.parameter, w.start): (w.count, w.min, w.max, w.latest, w.sum) for w in ws}
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 599), commit_every=st.integers(1, 50))
-def test_replay_from_the_committed_checkpoint_rebuilds_exactly(seed, crash_at, commit_every):
-    """A crash anywhere, replayed from the last commit, writes the same windows as no crash."""
-    msgs = _stream(seed)
+def _without_crash(msgs: list[Reading]) -> dict:
     ref = windows()
     _feed(ref, msgs)
     ref.flush_idle(NOW + 1000)
-    expected = _by_window(ref.take_closed())
+    return _by_window(ref.take_closed())
 
+
+def _crash_and_replay(msgs: list[Reading], crash_at: int, commit_every: int) -> dict:
+    """The windows written when the processor crashes before message ``crash_at`` and the next
+    run replays from the last commit."""
     written: dict = {}
     pw = windows()
     committed = None
@@ -166,9 +207,46 @@ def test_replay_from_the_committed_checkpoint_rebuilds_exactly(seed, crash_at, c
     restart = windows(checkpoint=committed.metadata if committed else None)
     _feed(restart, msgs, start=committed.offset if committed else 0)
     restart.flush_idle(NOW + 1000)
-    for w in restart.take_closed():
-        written[(w.parameter, w.start)] = _by_window([w])[(w.parameter, w.start)]
-    assert written == expected
+    written.update(_by_window(restart.take_closed()))
+    return written
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 599), commit_every=st.integers(1, 50))
+def test_replay_from_the_committed_checkpoint_rebuilds_exactly(seed, crash_at, commit_every):
+    """A crash anywhere, replayed from the last commit, writes the same windows as no crash."""
+    msgs = _stream(seed)
+    assert _crash_and_replay(msgs, crash_at, commit_every) == _without_crash(msgs)
+
+
+def _stream_with_a_fast_probe(seed: int, n: int = 600) -> list[Reading]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        sensor, ahead = rnd.choice([("ph-1", 0.0), ("ph-2", 0.0), ("ph-fast", 240.0)])
+        ts = T0 + i * 0.5 + ahead + rnd.uniform(-6, 6)
+        out.append(reading(ts, round(rnd.uniform(6, 8), 2), sensor=sensor))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), crash_at=st.integers(1, 599), commit_every=st.integers(1, 50))
+def test_replay_with_a_fast_probe_rebuilds_the_same_watermark(seed, crash_at, commit_every):
+    """The watermark's two leading sensors travel in the checkpoint: a crash anywhere, replayed
+    from the last commit, closes the same windows with the same readings as no crash."""
+    msgs = _stream_with_a_fast_probe(seed)
+    assert _crash_and_replay(msgs, crash_at, commit_every) == _without_crash(msgs)
+
+
+def test_a_silent_sensor_leaves_the_vote_once_the_partition_is_read_to_its_end():
+    pw = windows(idle_flush_seconds=30)
+    pw.add(reading(T0 + 1, sensor="ph-1"), 0, now=NOW)  # then goes silent
+    for i in range(5):
+        pw.add(reading(T0 + 5 + 20 * i, sensor="ph-2"), 1 + i, now=NOW + 5 + 20 * i)
+    assert pw.take_closed() == []  # ph-1 holds the watermark at T0 + 1
+    pw.flush_idle(now=NOW + 90)  # ph-1 silent for 90 s: out; ph-2 alone sets it
+    pw.add(reading(T0 + 90, sensor="ph-2"), 6, now=NOW + 90)
+    assert [w.start for w in pw.take_closed()] == [T0]
 
 
 def test_replayed_readings_of_written_windows_are_not_counted_as_late():
@@ -333,18 +411,7 @@ def test_replay_with_resent_readings_rebuilds_the_distinct_aggregates(seed, cras
     """Re-sent readings and a crash anywhere, replayed from the last commit: every window written
     equals the aggregate of the distinct readings it covers."""
     msgs = _resent_stream(seed)
-    written: dict = {}
-    pw = windows()
-    committed = None
-    for off in range(crash_at):
-        pw.add(msgs[off], off, NOW)
-        if off % commit_every == 0:
-            written.update(_by_window(pw.take_closed()))
-            committed = pw.commit_point()
-    restart = windows(checkpoint=committed.metadata if committed else None)
-    _feed(restart, msgs, start=committed.offset if committed else 0)
-    restart.flush_idle(NOW + 1000)
-    written.update(_by_window(restart.take_closed()))
+    written = _crash_and_replay(msgs, crash_at, commit_every)
     expected = _distinct_windows(msgs)
     assert written.keys() == expected.keys()
     for key, (count, lo, hi, _latest, total) in written.items():

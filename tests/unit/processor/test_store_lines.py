@@ -17,7 +17,7 @@ def test_a_reading_becomes_one_water_quality_point_with_the_design_schema():
     r = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north", location="aeration 1")
     assert reading_line(r) == (
         "water_quality,location=aeration\\ 1,parameter=pH,plant_id=north,sensor_id=ph-1 "
-        'quality="good",unit="pH",value=7.0 1790000000123'
+        'quality="good",unit="pH",value=7.0,reasons="" 1790000000123'
     )
 
 
@@ -27,12 +27,44 @@ def test_the_same_reading_twice_gives_the_same_point_identity():
     assert reading_line(a) == reading_line(b)
 
 
+def test_every_reading_point_carries_reasons_so_a_rewrite_replaces_them():
+    """InfluxDB merges the fields of a rewritten point: a field left out keeps its old value. A
+    replay that clears a flag must therefore write ``reasons`` empty, not leave it out."""
+    flagged = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north")
+    flagged.flag(Quality.UNCERTAIN, "stale")
+    clean = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north")
+    fields = [reading_line(r).split(" ")[1].split(",") for r in (flagged, clean)]
+    assert [sorted(f.split("=")[0] for f in fs) for fs in fields] == [
+        ["quality", "reasons", "unit", "value"]
+    ] * 2
+    assert 'reasons=""' in fields[1]
+
+
 def test_tag_and_string_values_are_escaped():
     r = Reading('s,1="x"', "pH", None, 'p"H', TS, plant_id="a b=c")
     r.flag(Quality.BAD, "timeout")
     line = reading_line(r)
     assert line.startswith('water_quality,parameter=pH,plant_id=a\\ b\\=c,sensor_id=s\\,1\\="x" ')
     assert 'unit="p\\"H"' in line and "value=" not in line and 'reasons="timeout"' in line
+
+
+def test_a_newline_in_a_tag_or_string_field_never_splits_the_line():
+    """Line protocol ends a point at a newline: one inside a value would cut the point in two
+    (and let the second half be read as a point of its own)."""
+    r = Reading("s\n1", "pH", 7.0, "p\nH", TS, plant_id="north\r\nx", location="in\nlet")
+    r.flag(Quality.UNCERTAIN, "spike\nx")
+    line = reading_line(r)
+    assert "\n" not in line and "\r" not in line
+    assert line == (
+        "water_quality,location=in\\ let,parameter=pH,plant_id=north\\ \\ x,sensor_id=s\\ 1 "
+        'quality="uncertain",unit="p H",value=7.0,reasons="spike x" 1790000000123'
+    )
+    e = AlarmEvent(
+        "a1", "e1", "b\n1", "north", "BOD", "HH", "critical", "raised", 1.0, 0.5, TS, "two\nlines"
+    )
+    assert "\n" not in alarm_line(e)
+    w = WindowAggregate("north", "BOD", 1_790_000_040, 1, 1.0, 1.0, 1.0, 1.0, TS, "b\n1")
+    assert "\n" not in window_line(w)
 
 
 def test_windows_and_alarms_are_points_too():
