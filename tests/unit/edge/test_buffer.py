@@ -268,11 +268,18 @@ def test_size_metrics_follow_the_rows(tmp_path):
     buf.submit_wait([reading(i, plant="north") for i in range(3)], timeout=10)
     buf.submit_wait([reading(i, plant="south") for i in range(2)], timeout=10)
     buf.stop()  # reopening recounts from the file
+    before = time.time()
     buf = open_buffer(tmp_path, metrics)
+    after = time.time()
+    oldest = buf.fetch(1)[0].created
     size = metrics.registry.get_sample_value
     assert size("iot_buffer_size", {"plant_id": "north"}) == 3
     assert size("iot_buffer_size", {"plant_id": "south"}) == 2
-    assert (size("iot_buffer_bytes") or 0) > 0
-    assert (size("iot_buffer_oldest_age_seconds") or 0) >= 0
+    # the gauges were set at start: the files as they are (nothing written since), and the age
+    # of the oldest row at that moment
+    files = [tmp_path / "buffer.db", tmp_path / "buffer.db-wal"]
+    assert size("iot_buffer_bytes") == sum(p.stat().st_size for p in files if p.exists())
+    age = size("iot_buffer_oldest_age_seconds")
+    assert age is not None and before - oldest <= age <= after - oldest
     assert buf.health()[0]
     buf.stop()
