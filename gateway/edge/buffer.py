@@ -86,6 +86,16 @@ class _Submission:
     queued_at: float
 
 
+@dataclass(slots=True)
+class _Drop:
+    """What drop_oldest did in a transaction, applied only once it is committed."""
+
+    n: int  # readings dropped
+    bytes: int
+    change: Literal["raised", "cleared"] | None  # the overflow alarm's new state, if it changed
+    alarm: AlarmEvent | None
+
+
 _Delete = tuple[list[int], threading.Event | None]
 _Work = tuple[list[_Submission], list[_Delete]]
 
@@ -445,13 +455,14 @@ class Buffer:
         con.execute("BEGIN IMMEDIATE")
         for lo, hi in _ranges(i for batch, _ in deletes for i in batch):
             removed_bytes += self._remove("id BETWEEN ? AND ?", (lo, hi), removed)
+        drop: _Drop | None = None
         if self.config.overflow == "drop_oldest":
             new_bytes = sum(len(row[4]) + ROW_OVERHEAD for row in rows)
-            alarm, dropped = self._drop_oldest(len(rows), new_bytes, removed, removed_bytes, now)
-            removed_bytes += dropped
-            if alarm is not None:
+            drop = self._drop_oldest(len(rows), new_bytes, removed, removed_bytes, now)
+            removed_bytes += drop.bytes
+            if drop.alarm is not None:
                 seq += 1
-                rows.append(self._encode(alarm, seq, now))
+                rows.append(self._encode(drop.alarm, seq, now))
         if rows:
             con.executemany(
                 "INSERT INTO records (id, kind, plant_id, key, payload, created)"
@@ -460,6 +471,10 @@ class Buffer:
             )
             con.execute("UPDATE meta SET value = ? WHERE name = 'seq'", (seq,))
         con.execute("COMMIT")
+        # Only now is the drop real: count it and change state (a failed commit is tried again,
+        # and must then raise the alarm again and count nothing twice).
+        if drop is not None:
+            self._dropped(drop)
         self.commits += 1
         self._seq = seq
         self._plants.update(row[2] for row in rows)
@@ -488,8 +503,9 @@ class Buffer:
 
     def _drop_oldest(
         self, n_new: int, new_bytes: int, removed: Counter[str], removed_bytes: int, now: float
-    ) -> tuple[AlarmEvent | None, int]:
-        """Make room for the incoming rows by deleting the oldest; raise or clear the alarm."""
+    ) -> _Drop:
+        """Make room for the incoming rows by deleting the oldest (in the open transaction); the
+        alarm to raise or clear with them. Changes no state: ``_dropped`` does, after COMMIT."""
         cfg = self.config
         rows = self._rows - sum(removed.values())
         current_bytes = self._bytes - removed_bytes
@@ -515,22 +531,27 @@ class Buffer:
         size = self._remove("id <= ? AND kind = 'reading'", (cut,), dropped) if cut else 0
         removed.update(dropped)
         n_dropped = sum(dropped.values())
-        if n_dropped:
-            self.metrics.buffer_dropped.labels("overflow").inc(n_dropped)
         low = rows - n_dropped < 0.9 * cfg.max_rows and current_bytes - size < 0.9 * cfg.max_bytes
         if n_dropped and not self._dropping:
+            return _Drop(n_dropped, size, "raised", self._overflow_alarm("raised", n_dropped, now))
+        if self._dropping and not n_dropped and low:
+            return _Drop(0, size, "cleared", self._overflow_alarm("cleared", 0, now))
+        return _Drop(n_dropped, size, None, None)
+
+    def _dropped(self, drop: _Drop) -> None:
+        """A committed drop: count it; log and remember an alarm raised or cleared."""
+        if drop.n:
+            self.metrics.buffer_dropped.labels("overflow").inc(drop.n)
+        if drop.change == "raised":
             self._dropping = True
             log.error(
                 "buffer %s is full (%d rows): dropping the oldest rows (overflow=drop_oldest)",
                 self.path,
-                rows,
+                self._rows,
             )
-            return self._overflow_alarm("raised", n_dropped, now), size
-        if self._dropping and not n_dropped and low:
+        elif drop.change == "cleared":
             self._dropping = False
             log.warning("buffer %s is below its bound again: no longer dropping rows", self.path)
-            return self._overflow_alarm("cleared", 0, now), size
-        return None, size
 
     def _overflow_alarm(self, state: str, dropped: int, now: float) -> AlarmEvent:
         alarm_id = f"{self.gateway_id}:buffer:overflow"
