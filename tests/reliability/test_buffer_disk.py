@@ -43,7 +43,8 @@ def test_drop_oldest_keeps_its_alarm_and_counts_once_when_a_commit_fails_on_a_fu
     small_disk: Path,
 ) -> None:
     metrics = Metrics()
-    buf = open_buffer(small_disk, metrics, max_rows=10, overflow="drop_oldest")
+    # min_free_bytes = 0: the bound on rows, not the free disk, is what drops here
+    buf = open_buffer(small_disk, metrics, max_rows=10, overflow="drop_oldest", min_free_bytes=0)
     try:
         buf.submit_wait([reading(i) for i in range(10)], timeout=10)
         filler = fill(small_disk)
@@ -82,7 +83,8 @@ def test_a_full_disk_shows_in_health_stop_is_bounded_and_committed_rows_stay(
     small_disk: Path,
 ) -> None:
     metrics = Metrics()
-    buf = open_buffer(small_disk, metrics, overflow="block")
+    # min_free_bytes = 0: the disk is filled at once by another program, past any margin
+    buf = open_buffer(small_disk, metrics, overflow="block", min_free_bytes=0)
     buf.submit_wait([reading(i) for i in range(100)], timeout=10)
     filler = fill(small_disk)  # another program takes the whole disk
     durable = threading.Event()
