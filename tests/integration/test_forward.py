@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -219,3 +220,33 @@ def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
         fwd.stop()
     msgs = consume(kafka_env, [f"sensors.raw.{plant}"], lambda got: len(got) >= 40)
     assert sorted(json.loads(m.value())["value"] for m in msgs) == [float(i) for i in range(40)]
+
+
+def test_a_buffer_it_cannot_read_does_not_stop_the_forwarder(kafka_env, buffer, metrics, caplog):
+    """The buffer file is damaged under the running gateway: the forwarder's read fails, it
+    retries with back-off (saying so) instead of dying; the buffer moves the file aside and
+    salvages what reads, and the forwarder sends the salvaged rows and the new ones."""
+    plant = f"it{uuid.uuid4().hex[:8]}"
+    buffer.submit_wait([reading(i, f"tds-{i % 4}", plant) for i in range(3000)], timeout=10)
+    con = sqlite3.connect(buffer.path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    with open(buffer.path, "r+b") as f:  # leaf pages in the middle of the table, as a bad disk
+        f.seek(40 * 4096)
+        f.write(b"\xa5" * 4 * 4096)
+    fwd = Forwarder(plain(kafka_env), buffer, metrics)
+    with caplog.at_level(logging.WARNING, logger="gateway.edge.forward"):
+        fwd.start()
+        try:
+            wait_until(lambda: buffer.generation == 1, 60, "the buffer to replace its file")
+            buffer.submit_wait([reading(5000, "tds-0", plant)], timeout=10)
+            wait_until(lambda: buffer.stats()["rows"] == 0, 60, "the buffer to drain")
+            assert fwd._thread is not None and fwd._thread.is_alive()
+            wait_until(lambda: fwd.health()[0], 30, "the forwarder healthy again")
+        finally:
+            fwd.stop()
+    assert any("cannot read the buffer" in r.getMessage() for r in caplog.records)
+    msgs = consume(kafka_env, [f"sensors.raw.{plant}"], lambda got: len(got) >= 2501)
+    values = sorted(json.loads(m.value())["value"] for m in msgs)
+    assert values[-1] == 5000.0
+    assert len(values) == len(set(values)) >= 2501  # the salvaged readings, each once
