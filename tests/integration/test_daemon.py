@@ -432,3 +432,71 @@ def test_wrong_kafka_password_keeps_readings_buffered_until_fixed_and_reloaded(
             )
         finally:
             gw.close()
+
+
+def _prefill(setup: GatewaySetup, poison: bytes) -> int:
+    """Put 10 readings, one reading whose ``location`` is ``poison``, and 10 more readings into
+    the gateway's buffer before it starts; returns the poison row's id (its seq)."""
+    from gateway.common.metrics import Metrics
+    from gateway.common.model import Reading
+    from gateway.edge.buffer import Buffer, BufferConfig
+
+    def reading(i: int, location: str = "inlet") -> Reading:
+        return Reading(f"q-{i % 3}", "COD", float(i), "mg/L", time.time(), setup.plant, location)
+
+    with Buffer(BufferConfig(path=str(setup.buffer_path)), setup.gateway_id, Metrics()) as b:
+        b.submit_wait([reading(i) for i in range(10)], 30)
+        b.submit_wait([reading(10, poison.decode())], 30)
+        b.submit_wait([reading(i) for i in range(11, 21)], 30)
+        (row,) = [r for r in b.fetch(100) if len(r.payload) > len(poison)]
+        return row.id
+
+
+@pytest.mark.parametrize(
+    ("kafka_extra", "poison_size"),
+    [
+        # refused by the producer itself: produce() raises MSG_SIZE_TOO_LARGE
+        ({"extra": {"message.max.bytes": 100_000}}, 200_000),
+        # refused by the broker (its message.max.bytes is about 1 MB): a delivery report says so
+        ({"compression": "none", "extra": {"message.max.bytes": 4_000_000}}, 1_500_000),
+    ],
+    ids=["producer-limit", "broker-limit"],
+)
+def test_a_row_kafka_refuses_for_good_is_dead_lettered_and_every_other_row_flows(
+    kafka_env: dict[str, str], tmp_path: Path, kafka_extra: dict[str, Any], poison_size: int
+) -> None:
+    setup = GatewaySetup(
+        tmp_path, kafka_env["KAFKA_BOOTSTRAP_SERVERS"], extra={"kafka": kafka_extra}
+    )
+    poison = os.urandom(poison_size // 2).hex().encode()  # incompressible
+    poison_id = _prefill(setup, poison)
+    gw = gateway_for(setup)
+    with KafkaCollector(setup.kafka, [setup.raw_topic]) as kafka:
+        try:
+            gw.start()
+            gw.wait_serving()
+            wait_until(
+                lambda: len(kafka.snapshot(setup.raw_topic)) >= 20, 90, "the other 20 readings"
+            )
+            wait_until(lambda: check_of(gw, "buffer")["rows"] == 0, 60, "the buffer to drain")
+            status, health = gw.health()
+            kafka_check = health["checks"]["kafka"]
+            assert status == 503 and health["status"] == "degraded", health
+            assert kafka_check["status"] == "degraded", kafka_check
+            assert "MSG_SIZE_TOO_LARGE" in kafka_check["error"], kafka_check
+            assert gw.metric("iot_kafka_dead_lettered_total", reason="MSG_SIZE_TOO_LARGE") == 1
+            assert gw.terminate() == 0
+        finally:
+            gw.close()
+        values = sorted(m.value["value"] for m in kafka.snapshot(setup.raw_topic))
+    assert values == [float(i) for i in range(21) if i != 10]
+    con = sqlite3.connect(tmp_path / "deadletter.db")
+    try:
+        (row,) = con.execute("SELECT source, reason, detail, size, payload FROM dead_letters")
+    finally:
+        con.close()
+    source, reason, detail, size, payload = row
+    assert (source, reason) == ("kafka", "MSG_SIZE_TOO_LARGE")
+    assert str(poison_id) in detail
+    assert size == len(payload) and poison in payload  # kept whole
+    assert buffer_state(setup.buffer_path)[1] == []
