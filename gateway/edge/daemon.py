@@ -54,7 +54,7 @@ class GatewayDaemon:
         # The one path every reading takes: pipeline, then buffer.
         self.intake = Intake(self.buffer.submit, self.metrics, self.pipeline.process_batch)
         self.dead_letters = DeadLetterStore(config.deadletter.path, config.deadletter.max_rows)
-        self.forwarder = Forwarder(config.kafka, self.buffer, self.metrics)
+        self.forwarder = Forwarder(config.kafka, self.buffer, self.metrics, self.dead_letters)
         self.modbus = ModbusEngine(config.modbus, self.intake.sink_for("modbus"), self.metrics)
         self.mqtt = (
             MqttSource(

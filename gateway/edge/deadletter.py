@@ -55,8 +55,19 @@ class DeadLetterStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
 
-    def add(self, source: str, topic: str, reason: str, payload: bytes, detail: str = "") -> None:
-        """Store one rejected payload durably (committed when this returns)."""
+    def add(
+        self,
+        source: str,
+        topic: str,
+        reason: str,
+        payload: bytes,
+        detail: str = "",
+        *,
+        whole: bool = False,
+    ) -> None:
+        """Store one rejected payload durably (committed when this returns); ``whole`` keeps it
+        untruncated (a committed reading Kafka refused: the store is its only home now)."""
+        limit = len(payload) if whole else self.max_payload_bytes
         with self._lock:
             cur = self._db.execute(
                 "INSERT INTO dead_letters (ts, source, topic, reason, detail, size, payload)"
@@ -68,7 +79,7 @@ class DeadLetterStore:
                     reason,
                     detail[:500],
                     len(payload),
-                    bytes(payload[: self.max_payload_bytes]),
+                    bytes(payload[:limit]),
                 ),
             )
             # Only the oldest rows are ever deleted, so ids stay contiguous up to the newest.

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Reading
 from gateway.edge.buffer import Buffer, BufferConfig
+from gateway.edge.deadletter import DeadLetterStore
 from gateway.edge.forward import ForwardConfig, Forwarder
 from tests.support.wait import wait_until
 
@@ -62,6 +63,13 @@ def buffer(tmp_path: Path, metrics: Metrics) -> Iterator[Buffer]:
     buf.stop()
 
 
+@pytest.fixture
+def dead_letters(tmp_path: Path) -> Iterator[DeadLetterStore]:
+    store = DeadLetterStore(tmp_path / "deadletter.db")
+    yield store
+    store.close()
+
+
 def consume(env: dict[str, str], topics: list[str], want: Any, timeout: float = 60) -> list[Any]:
     """Read the topics from the start until ``want(messages)`` holds."""
     consumer = Consumer(
@@ -95,7 +103,9 @@ def by_sensor(messages: list[Any]) -> dict[str, list[int]]:
     return seqs
 
 
-def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(kafka_env, buffer, metrics):
+def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(
+    kafka_env, buffer, metrics, dead_letters
+):
     plant = f"it{uuid.uuid4().hex[:8]}"
     odd_plant = f"{plant}/east 2"  # not a legal topic name as it is
     records: list[Any] = [reading(i, f"cod-{i % 3}", plant) for i in range(300)]
@@ -109,7 +119,7 @@ def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(kafka_env,
     records.append(alarm)
     buffer.submit_wait(records, timeout=10)
     stored = {r.id: r.payload for r in buffer.fetch(1000)}
-    fwd = Forwarder(plain(kafka_env), buffer, metrics)
+    fwd = Forwarder(plain(kafka_env), buffer, metrics, dead_letters)
     fwd.start()
     try:
         wait_until(lambda: buffer.stats()["rows"] == 0, 60, "the buffer to drain")
@@ -141,10 +151,14 @@ def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(kafka_env,
     assert metrics.registry.get_sample_value("iot_delivery_latency_seconds_count")
 
 
-def test_order_per_sensor_holds_while_readings_keep_arriving(kafka_env, buffer, metrics):
+def test_order_per_sensor_holds_while_readings_keep_arriving(
+    kafka_env, buffer, metrics, dead_letters
+):
     plant = f"it{uuid.uuid4().hex[:8]}"
     sensors = [f"tss-{k}" for k in range(6)]
-    fwd = Forwarder(plain(kafka_env, fetch_batch=200, max_in_flight=500), buffer, metrics)
+    fwd = Forwarder(
+        plain(kafka_env, fetch_batch=200, max_in_flight=500), buffer, metrics, dead_letters
+    )
     fwd.start()
 
     def source() -> None:
@@ -169,10 +183,10 @@ def test_order_per_sensor_holds_while_readings_keep_arriving(kafka_env, buffer, 
         assert seqs[sensor] == sorted(seqs[sensor])
 
 
-def test_delivers_through_the_sasl_ssl_listener(kafka_env, buffer, metrics):
+def test_delivers_through_the_sasl_ssl_listener(kafka_env, buffer, metrics, dead_letters):
     plant = f"it{uuid.uuid4().hex[:8]}"
     buffer.submit_wait([reading(i, "ph-1", plant) for i in range(50)], timeout=10)
-    fwd = Forwarder(sasl(kafka_env), buffer, metrics)
+    fwd = Forwarder(sasl(kafka_env), buffer, metrics, dead_letters)
     fwd.start()
     try:
         wait_until(lambda: buffer.stats()["rows"] == 0, 60, "delivery over SASL_SSL")
@@ -187,12 +201,14 @@ def test_delivers_through_the_sasl_ssl_listener(kafka_env, buffer, metrics):
 # forwarder keeps sending them again from the first failed row.
 @pytest.mark.parametrize("extra", [{}, {"message.timeout.ms": 2000}], ids=["hold", "fail-resend"])
 def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
-    kafka_env, buffer, metrics, caplog, extra
+    kafka_env, buffer, metrics, dead_letters, caplog, extra
 ):
     plant = f"it{uuid.uuid4().hex[:8]}"
     buffer.submit_wait([reading(i, "bod-1", plant) for i in range(40)], timeout=10)
     with caplog.at_level(logging.INFO, logger="gateway.edge.forward"):
-        fwd = Forwarder(sasl(kafka_env, "not-the-password", extra=extra), buffer, metrics)
+        fwd = Forwarder(
+            sasl(kafka_env, "not-the-password", extra=extra), buffer, metrics, dead_letters
+        )
         fwd.start()
         try:
             wait_until(lambda: not fwd.health()[0], 30, "the forwarder to report the failure")
@@ -212,7 +228,7 @@ def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
     assert (failures or 0) >= (80 if extra else 0)  # failed, resent, failed again
 
     # Fixed credentials and a restart: everything goes out.
-    fwd = Forwarder(sasl(kafka_env), buffer, metrics)
+    fwd = Forwarder(sasl(kafka_env), buffer, metrics, dead_letters)
     fwd.start()
     try:
         wait_until(lambda: buffer.stats()["rows"] == 0, 60, "delivery after the fix")
@@ -222,7 +238,9 @@ def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
     assert sorted(json.loads(m.value())["value"] for m in msgs) == [float(i) for i in range(40)]
 
 
-def test_a_buffer_it_cannot_read_does_not_stop_the_forwarder(kafka_env, buffer, metrics, caplog):
+def test_a_buffer_it_cannot_read_does_not_stop_the_forwarder(
+    kafka_env, buffer, metrics, dead_letters, caplog
+):
     """The buffer file is damaged under the running gateway: the forwarder's read fails, it
     retries with back-off (saying so) instead of dying; the buffer moves the file aside and
     salvages what reads, and the forwarder sends the salvaged rows and the new ones."""
@@ -234,7 +252,7 @@ def test_a_buffer_it_cannot_read_does_not_stop_the_forwarder(kafka_env, buffer, 
     with open(buffer.path, "r+b") as f:  # leaf pages in the middle of the table, as a bad disk
         f.seek(40 * 4096)
         f.write(b"\xa5" * 4 * 4096)
-    fwd = Forwarder(plain(kafka_env), buffer, metrics)
+    fwd = Forwarder(plain(kafka_env), buffer, metrics, dead_letters)
     with caplog.at_level(logging.WARNING, logger="gateway.edge.forward"):
         fwd.start()
         try:
