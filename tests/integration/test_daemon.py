@@ -500,3 +500,63 @@ def test_a_row_kafka_refuses_for_good_is_dead_lettered_and_every_other_row_flows
     assert str(poison_id) in detail
     assert size == len(payload) and poison in payload  # kept whole
     assert buffer_state(setup.buffer_path)[1] == []
+
+
+STOP_BOUND_S = 30.0  # what the test allows; the gateway aims at about 10 s (see README)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_full_buffer_with_kafka_down_neither_hangs_shutdown_nor_reload(
+    mqtt_env: dict[str, str], tmp_path: Path, sig: signal.Signals
+) -> None:
+    """overflow = "block", a tiny buffer and queue, Kafka unreachable, MQTT messages streaming in:
+    paho's thread ends up blocked in the buffer. SIGTERM must still end the gateway, and SIGHUP
+    still reload it, within a bound, keeping every committed row."""
+    setup = GatewaySetup(
+        tmp_path,
+        UNREACHABLE_KAFKA,
+        mqtt=mqtt_env,
+        buffer={"max_rows": OVERFLOW_BOUND, "overflow": "block", "queue_max": 50},
+    )
+    seq0 = init_buffer(setup.buffer_path, setup.gateway_id)
+    gw = gateway_for(setup, mqtt_env)
+    publisher = None
+    try:
+        gw.start()
+        gw.wait_serving()
+        wait_until(lambda: check_of(gw, "mqtt")["status"] == "healthy", 60, "the subscription")
+        publisher = Publisher(mqtt_env)
+        publisher.run_steadily(200.0, lambda n: _stream_message(setup, n))
+        wait_until(
+            lambda: check_of(gw, "buffer")["queued"] >= 50, 90, "the buffer's queue to fill up"
+        )
+        assert gw.proc is not None
+        if sig == signal.SIGHUP:
+            started = time.monotonic()
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: gw.log().count("HTTP server on") == 2, STOP_BOUND_S, "the reload to end"
+            )
+            print(f"reload with a full buffer took {time.monotonic() - started:.1f} s")
+            gw.port = 0
+            gw.wait_serving()
+            assert check_of(gw, "buffer")["status"] == "unhealthy"  # still full, still running
+        started = time.monotonic()
+        rc = gw.terminate(timeout=STOP_BOUND_S)
+        print(f"SIGTERM with a full buffer took {time.monotonic() - started:.1f} s")
+        assert rc == 0, gw.log()[-3000:]
+    finally:
+        if publisher is not None:
+            publisher.close()
+        gw.close()
+    last, ids = buffer_state(setup.buffer_path)
+    assert ids == list(range(seq0 + 1, last + 1))  # every committed row kept, none dropped
+    assert len(ids) >= OVERFLOW_BOUND
+    assert "Traceback" not in gw.all_logs()
+
+
+def _stream_message(setup: GatewaySetup, n: int) -> tuple[str, bytes, int]:
+    reading = {"sensorId": f"s-{n % 4}", "parameter": "TSS", "value": n, "unit": "mg/L"}
+    reading["timestamp"] = format_ts(time.time())
+    return setup.json_topic(f"s-{n % 4}"), json.dumps(reading).encode(), n
