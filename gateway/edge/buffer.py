@@ -235,12 +235,13 @@ class Buffer:
         self.stop()
 
     def _connect(self, read_only: bool = False) -> sqlite3.Connection:
+        new = _size(str(self.path)) == 0
         con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         if read_only:
             con.execute("PRAGMA query_only = ON")
             return con
-        # Only takes on a new, empty file; an older one keeps its mode (see _convert_vacuum).
-        con.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        if new:  # only a new file takes it (and an existing one, corrupt maybe, is not written)
+            con.execute("PRAGMA auto_vacuum = INCREMENTAL")
         con.execute("PRAGMA journal_mode = WAL")
         # In WAL mode, NORMAL only syncs the WAL at checkpoints: a committed transaction survives
         # a process crash but can vanish in a power cut. FULL fsyncs the WAL on every commit, so a
