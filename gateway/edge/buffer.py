@@ -139,7 +139,8 @@ class Buffer:
         self._inserts: deque[_Submission] = deque()
         self._queued = 0
         self._deletes: list[_Delete] = []
-        self._closing = False
+        self._closing = False  # stop(): the writer ends once the queue is committed
+        self._intake_closed = False  # close_intake(): no more records, the queue goes in now
         self._deadline = float("inf")  # when stopping: give up on failing commits after this
         self._writer: threading.Thread | None = None
         self._writer_beat = Heartbeat("buffer writer")
@@ -223,7 +224,7 @@ class Buffer:
         is queued is committed at once, beyond the bound if need be (it is only in memory). The
         first step of a shutdown, so no source stays blocked in ``submit``."""
         with self._lock:
-            self._closing = True
+            self._intake_closed = True
             self._has_work.notify_all()
             self._has_room.notify_all()
 
@@ -348,16 +349,19 @@ class Buffer:
                 raise TypeError(f"the buffer stores readings and alarm events, not {r!r}")
         deadline = None if timeout is None else sub.queued_at + timeout
         with self._lock:
-            while self._queued >= self.config.queue_max and not self._closing:
+            while self._queued >= self.config.queue_max and not self._stopping():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("buffer queue full")
                 self._has_room.wait(left)
-            if self._closing:
+            if self._stopping():
                 raise BufferClosed("buffer is stopping")
             self._inserts.append(sub)
             self._queued += len(sub.records)
             self._has_work.notify()
+
+    def _stopping(self) -> bool:
+        return self._closing or self._intake_closed
 
     def submit_wait(self, records: Iterable[Record], timeout: float) -> None:
         """Submit and return once committed; TimeoutError if not durable within ``timeout``."""
@@ -486,7 +490,7 @@ class Buffer:
     def _fits(self, n: int, taken: int) -> bool:
         """Whether ``n`` more records may go in now (besides ``taken`` already in this batch)."""
         cfg = self.config
-        if cfg.overflow != "block" or self._closing:
+        if cfg.overflow != "block" or self._stopping():
             return True
         if self._free_disk < cfg.min_free_bytes:
             return False

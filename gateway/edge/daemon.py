@@ -9,6 +9,8 @@ it sent; the buffer commits what it still holds and closes.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ from gateway.edge.pipeline import EdgePipeline
 from gateway.edge.settings import GatewayConfig, load_gateway_config
 
 log = logging.getLogger(__name__)
+
+STOP_BUDGET_S = 10.0  # a stop (SIGTERM, or the old half of a reload) ends in about this
+STOP_GRACE_S = 10.0  # beyond the budget, a stage stuck in the kernel: the process exits
 
 
 class GatewayDaemon:
@@ -93,15 +98,50 @@ class GatewayDaemon:
             self.http.port,
         )
 
-    def stop(self) -> None:
+    def stop(self, budget: float = STOP_BUDGET_S) -> None:
+        """Stop every stage, in flow order, within about ``budget`` seconds; past ``budget`` +
+        STOP_GRACE_S (a stage stuck in the kernel) the process exits. Either way every committed
+        reading is on disk: commits are fsynced."""
         log.info("stopping: sources first, then the forwarder, then the buffer")
-        if self.mqtt is not None:
-            self.mqtt.stop()
-        self.modbus.stop()
-        self.http.stop()
-        self.forwarder.stop()
-        self.buffer.stop()
-        self.dead_letters.close()
+        started = time.monotonic()
+        stage = ["sources"]
+
+        def stuck() -> None:
+            log.error(
+                "stopping takes longer than %.0f s (stuck in %s): exiting now; every committed "
+                "reading is on disk",
+                budget + STOP_GRACE_S,
+                stage[0],
+            )
+            logging.shutdown()
+            os._exit(1)
+
+        guard = threading.Timer(budget + STOP_GRACE_S, stuck)
+        guard.daemon = True
+        guard.start()
+
+        def left(most: float) -> float:
+            return max(0.5, min(most, budget - (time.monotonic() - started)))
+
+        try:
+            # No source may stay blocked in a full buffer: what it queued is committed now,
+            # beyond the bound (it is only in memory), and blocked calls give up unacknowledged.
+            self.buffer.close_intake()
+            if self.mqtt is not None:
+                self.mqtt.stop(drain_timeout=left(3.0), ack_timeout=left(2.0))
+            stage[0] = "modbus"
+            self.modbus.stop()
+            stage[0] = "http"
+            self.http.stop()
+            stage[0] = "the forwarder"
+            self.forwarder.stop(timeout=left(5.0))
+            stage[0] = "the buffer"
+            self.buffer.stop(timeout=left(5.0))
+            stage[0] = "the dead-letter store"
+            self.dead_letters.close(timeout=left(2.0))
+        finally:
+            guard.cancel()
+        log.info("stopped in %.1f s", time.monotonic() - started)
 
     # -- supervision ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gateway.common.logs import RateLimitedLog
 from gateway.common.model import now_ts
+from gateway.common.stage import SinkClosed
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 RETRY_MAX_S = 5.0
 
 
-class DeadLetterStoreClosed(RuntimeError):
+class DeadLetterStoreClosed(SinkClosed):
     pass
 
 

@@ -31,7 +31,7 @@ from gateway.common.config import build, secret
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Record, Rejection
-from gateway.common.stage import Health, Sink
+from gateway.common.stage import Health, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
 from gateway.edge.deadletter import DeadLetterStore
@@ -254,6 +254,8 @@ class MqttSource:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             self._handle(msg)
+        except SinkClosed:  # stopping: unacknowledged, so the broker redelivers it next time
+            log.debug("MQTT message not taken: the gateway is stopping")
         except Exception as e:  # paho would stop its thread; the message stays unacked
             self._log.warning("handler", "MQTT message not handled, it will be redelivered: %r", e)
 
