@@ -560,3 +560,81 @@ def _stream_message(setup: GatewaySetup, n: int) -> tuple[str, bytes, int]:
     reading = {"sensorId": f"s-{n % 4}", "parameter": "TSS", "value": n, "unit": "mg/L"}
     reading["timestamp"] = format_ts(time.time())
     return setup.json_topic(f"s-{n % 4}"), json.dumps(reading).encode(), n
+
+
+def test_reload_rereads_credential_files_and_a_failing_reload_leaves_the_gateway_running(
+    kafka_env: dict[str, str], mqtt_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Kafka over SASL_SSL with its password in a file (file:), MQTT with its password in the
+    environment (env:, which a reload cannot change: it stays as it is). A reload while the file
+    is unreadable is refused and the gateway keeps serving and forwarding; a changed file is
+    read at the next reload (a wrong password, then the right one again)."""
+    password = tmp_path / "kafka-password"
+    password.write_text(kafka_env["KAFKA_SASL_PASSWORD"])
+    sasl = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": kafka_env["KAFKA_SASL_MECHANISM"],
+        "sasl_username": kafka_env["KAFKA_SASL_USERNAME"],
+        "sasl_password": f"file:{password}",
+        "ssl_ca_location": kafka_env["KAFKA_CA_FILE"],
+    }
+    setup = GatewaySetup(
+        tmp_path, kafka_env["KAFKA_SASL_BOOTSTRAP_SERVERS"], mqtt=mqtt_env, extra={"kafka": sasl}
+    )
+    gw = gateway_for(setup, mqtt_env)
+    publisher = None
+    with KafkaCollector(kafka_env["KAFKA_BOOTSTRAP_SERVERS"], [setup.raw_topic]) as kafka:
+
+        def arrived() -> int:
+            return len(kafka.snapshot(setup.raw_topic))
+
+        def more_arrive() -> None:
+            seen = arrived()
+            wait_until(lambda: arrived() > seen + 5, 60, "readings still reaching Kafka")
+
+        def reload(what: str) -> None:
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: what in gw.log(), 60, f"the log to say {what!r}")
+
+        try:
+            gw.start()
+            gw.wait_serving()
+            wait_until(lambda: check_of(gw, "mqtt")["status"] == "healthy", 60, "the subscription")
+            publisher = Publisher(mqtt_env)
+            publisher.run_steadily(20.0, lambda n: _stream_message(setup, n))
+            more_arrive()
+
+            password.unlink()  # e.g. a credential not deployed yet
+            reload("reload refused")
+            assert "cannot read credential file" in gw.log()
+            assert gw.proc.poll() is None, gw.log()[-3000:]
+            assert gw.health()[0] == 200  # the old gateway still runs, serves and forwards
+            more_arrive()
+            assert gw.log().count("HTTP server on") == 1
+
+            password.write_text("not-the-password")
+            reload("reloading")
+            wait_until(lambda: gw.log().count("HTTP server on") == 2, 60, "the reload")
+            gw.port = 0
+            gw.wait_serving()
+            wait_until(
+                lambda: "refused" in check_of(gw, "kafka").get("error", ""),
+                90,
+                "the wrong password from the file to be used",
+            )
+            assert check_of(gw, "mqtt")["status"] == "healthy"  # env: password, unchanged
+
+            password.write_text(kafka_env["KAFKA_SASL_PASSWORD"])
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: gw.log().count("HTTP server on") == 3, 60, "the second reload")
+            gw.port = 0
+            gw.wait_serving()
+            wait_until(lambda: gw.health()[0] == 200, 90, "healthy with the right password")
+            more_arrive()
+            assert gw.terminate() == 0
+        finally:
+            if publisher is not None:
+                publisher.close()
+            gw.close()
+    assert "Traceback" not in gw.all_logs()

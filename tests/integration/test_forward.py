@@ -268,3 +268,30 @@ def test_a_buffer_it_cannot_read_does_not_stop_the_forwarder(
     values = sorted(json.loads(m.value())["value"] for m in msgs)
     assert values[-1] == 5000.0
     assert len(values) == len(set(values)) >= 2501  # the salvaged readings, each once
+
+
+@pytest.mark.parametrize("kind", ["env", "file"])
+def test_a_refused_password_says_how_to_change_it(
+    kafka_env, buffer, metrics, dead_letters, caplog, monkeypatch, tmp_path, kind
+):
+    """A reload cannot change the environment: for env: the log line says to restart (or to move
+    the password to a credential file); for file: it names the file a reload reads again."""
+    monkeypatch.setenv("TEST_KAFKA_PW", "not-the-password")
+    wrong = tmp_path / "kafka-password"
+    wrong.write_text("not-the-password")
+    reference = "env:TEST_KAFKA_PW" if kind == "env" else f"file:{wrong}"
+    with caplog.at_level(logging.INFO, logger="gateway.edge.forward"):
+        fwd = Forwarder(sasl(kafka_env, reference), buffer, metrics, dead_letters)
+        fwd.start()
+        try:
+            wait_until(lambda: not fwd.health()[0], 30, "the forwarder to report the failure")
+        finally:
+            fwd.stop(timeout=1)
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if kind == "env":
+        assert "environment variable TEST_KAFKA_PW" in error, error
+        assert "restart" in error and "cannot change" in error, error
+        assert "file:" in error and "cred:" in error, error  # the way that reloads
+    else:
+        assert str(wrong) in error and "reload" in error, error
+        assert "restart" not in error, error
