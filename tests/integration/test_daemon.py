@@ -523,11 +523,7 @@ def test_a_full_buffer_with_kafka_down_neither_hangs_shutdown_nor_reload(
     gw = gateway_for(setup, mqtt_env)
     publisher = None
     try:
-        gw.start()
-        gw.wait_serving()
-        wait_until(lambda: check_of(gw, "mqtt")["status"] == "healthy", 60, "the subscription")
-        publisher = Publisher(mqtt_env)
-        publisher.run_steadily(200.0, lambda n: _stream_message(setup, n))
+        publisher = start_streaming(gw, setup, mqtt_env, 200.0)
         wait_until(
             lambda: check_of(gw, "buffer")["queued"] >= 50, 90, "the buffer's queue to fill up"
         )
@@ -554,6 +550,18 @@ def test_a_full_buffer_with_kafka_down_neither_hangs_shutdown_nor_reload(
     assert ids == list(range(seq0 + 1, last + 1))  # every committed row kept, none dropped
     assert len(ids) >= OVERFLOW_BOUND
     assert "Traceback" not in gw.all_logs()
+
+
+def start_streaming(
+    gw: Gateway, setup: GatewaySetup, mqtt_env: dict[str, str], rate: float
+) -> Publisher:
+    """Start the gateway, wait for its MQTT subscription, then publish readings at ``rate``/s."""
+    gw.start()
+    gw.wait_serving()
+    wait_until(lambda: check_of(gw, "mqtt")["status"] == "healthy", 60, "the subscription")
+    publisher = Publisher(mqtt_env)
+    publisher.run_steadily(rate, lambda n: _stream_message(setup, n))
+    return publisher
 
 
 def _stream_message(setup: GatewaySetup, n: int) -> tuple[str, bytes, int]:
@@ -598,11 +606,7 @@ def test_reload_rereads_credential_files_and_a_failing_reload_leaves_the_gateway
             wait_until(lambda: what in gw.log(), 60, f"the log to say {what!r}")
 
         try:
-            gw.start()
-            gw.wait_serving()
-            wait_until(lambda: check_of(gw, "mqtt")["status"] == "healthy", 60, "the subscription")
-            publisher = Publisher(mqtt_env)
-            publisher.run_steadily(20.0, lambda n: _stream_message(setup, n))
+            publisher = start_streaming(gw, setup, mqtt_env, 20.0)
             more_arrive()
 
             password.unlink()  # e.g. a credential not deployed yet
