@@ -180,9 +180,14 @@ class Buffer:
         except BlockingIOError:
             self._lockfile.close()
             raise RuntimeError(f"buffer {self.path} is in use by another process") from None
-        self._con = self._open()
-        self._reader = self._connect(read_only=True)
-        self._load_state()
+        try:
+            self._con = self._open()
+            self._reader = self._connect(read_only=True)
+            self._load_state()
+        except BaseException:  # leave nothing held: the lock would refuse the next start
+            _close_quietly(getattr(self, "_con", None), getattr(self, "_reader", None))
+            self._lockfile.close()
+            raise
         self._stopped = threading.Event()
         self._writer = threading.Thread(target=self._run, name="buffer-writer", daemon=True)
         self._writer.start()

@@ -177,6 +177,28 @@ class ForwardConfig(KafkaConnection):
         return conf
 
 
+def how_to_fix_credentials(password: str) -> str:
+    """What to do about refused credentials, by where the password comes from: a reload re-reads
+    the config and credential files, but cannot change the environment systemd gave the process."""
+    if password.startswith("env:"):
+        return (
+            f"The password comes from the environment variable {password[4:]}, which a reload "
+            "cannot change: fix it and restart the gateway (systemctl restart edge-gateway), or "
+            "better, keep it in a credential file, which a reload reads again: sasl_password = "
+            '"file:/etc/edge-gateway/kafka-password", or "cred:kafka-password" with '
+            "LoadCredential= in the unit. Check [kafka] sasl_username and ssl_ca_location too."
+        )
+    if password.startswith(("file:", "cred:")):
+        where = f"the credential file ({password})"
+    else:
+        where = "[kafka] sasl_password (better: a credential file, file:/path or cred:NAME)"
+    return (
+        f"Fix {where}, or [kafka] sasl_username/ssl_ca_location, then reload the gateway "
+        "(SIGHUP: systemctl reload edge-gateway): a reload reads the config and credential files "
+        "again, and a bad one leaves the gateway running as it is."
+    )
+
+
 class _DebugLog:
     """librdkafka's own log lines, demoted to DEBUG: error_cb reports what matters, once."""
 
@@ -194,8 +216,14 @@ class Forwarder:
         buffer: Buffer,
         metrics: Metrics,
         dead_letters: DeadLetterStore,
+        producer_conf: dict[str, Any] | None = None,
     ) -> None:
+        """``producer_conf``: librdkafka settings with the secrets already resolved (the daemon
+        resolves them before it replaces a running gateway); by default from ``config`` now."""
         self.config = config
+        # Resolved once: a producer made anew after a fatal error must not fail on a credential
+        # file that changed meanwhile (a reload is what re-reads it).
+        self._conf = config.producer_config() if producer_conf is None else dict(producer_conf)
         self.buffer = buffer
         self.metrics = metrics
         self.dead_letters = dead_letters
@@ -255,7 +283,7 @@ class Forwarder:
         return [self._beat]
 
     def _make_producer(self) -> Producer:
-        conf = self.config.producer_config()
+        conf = dict(self._conf)
         conf["error_cb"] = self._on_error
         conf["logger"] = _DebugLog(logging.getLogger("gateway.edge.forward.librdkafka"))
         return Producer(conf)
@@ -542,9 +570,8 @@ class Forwarder:
             self._set_problem(
                 code,
                 f"Kafka refused the gateway ({err.str()}): user {cfg.sasl_username!r} at "
-                f"{cfg.bootstrap_servers} ({cfg.security_protocol}). Readings stay buffered; fix "
-                "[kafka] sasl_username/sasl_password/ssl_ca_location, then reload the gateway "
-                "(SIGHUP: systemctl reload edge-gateway) or restart it.",
+                f"{cfg.bootstrap_servers} ({cfg.security_protocol}). Readings stay buffered. "
+                + how_to_fix_credentials(cfg.sasl_password),
                 serious=True,
             )
         elif code in DOWN_ERRORS:
