@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -641,4 +642,34 @@ def test_reload_rereads_credential_files_and_a_failing_reload_leaves_the_gateway
             if publisher is not None:
                 publisher.close()
             gw.close()
+    assert "Traceback" not in gw.all_logs()
+
+
+def test_a_reload_that_fails_to_start_brings_the_previous_configuration_back(
+    tmp_path: Path,
+) -> None:
+    """The new file is good, but its HTTP port is taken: the new gateway cannot start once the
+    old one has stopped. The previous configuration runs again instead of the process ending."""
+    setup = GatewaySetup(tmp_path, UNREACHABLE_KAFKA)
+    gw = gateway_for(setup)
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        gw.start()
+        gw.wait_serving()
+        setup.extra = {"http": {"port": taken.getsockname()[1]}}
+        setup.write()
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "starting the previous one again" in gw.log(), 60, "the fallback")
+        wait_until(lambda: gw.log().count("HTTP server on") == 2, 60, "the previous config")
+        gw.port = 0
+        gw.wait_serving()
+        assert gw.proc.poll() is None
+        assert "buffer" in gw.health()[1]["checks"]
+        assert gw.terminate() == 0
+    finally:
+        taken.close()
+        gw.close()
     assert "Traceback" not in gw.all_logs()
