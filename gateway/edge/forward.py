@@ -157,6 +157,8 @@ class ForwardConfig(KafkaConnection):
         super().__post_init__()
         if self.fetch_batch < 1 or self.max_in_flight < 1:
             raise ValueError("fetch_batch and max_in_flight must be at least 1")
+        if self.degraded_s < 0:
+            raise ValueError("degraded_s must be at least 0")
 
     def producer_config(self) -> dict[str, Any]:
         conf = self.client_conf(client_id="edge-gateway", section="kafka")
@@ -550,10 +552,10 @@ class Forwarder:
             log.warning(
                 "forwarder stopping with %d rows unconfirmed: they stay buffered", self._in_flight
             )
-        try:
-            self.buffer.delete([], wait=True)  # barrier: the deletes queued above are committed
-        except BufferClosed:
-            log.warning("buffer stopped before the forwarder: confirmed rows will be resent")
+        try:  # barrier: the deletes queued above are committed (bounded: the disk may refuse)
+            self.buffer.delete([], wait=True, timeout=min(5.0, self._stop_timeout))
+        except (BufferClosed, TimeoutError) as e:
+            log.warning("confirmed rows not deleted (%s): they will be resent", e)
         producer.purge()
         producer.flush(0)
         self._producer = None
