@@ -520,7 +520,8 @@ class Buffer:
                     and self._fits(len(self._inserts[0].records), 0)
                 )
 
-            wait = min(1.0, max(0.01, self._retry_at - time.monotonic()))
+            backing_off = self._retry_at - time.monotonic()
+            wait = min(1.0, max(0.01, backing_off)) if backing_off > 0 else 1.0
             if not self._has_work.wait_for(ready, timeout=wait):
                 self._set_blocked(bool(self._inserts) and time.monotonic() >= self._retry_at)
                 return [], []
