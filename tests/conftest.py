@@ -101,3 +101,12 @@ def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
     finally:
         proc.terminate()
         proc.wait(timeout=5)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs mounted at tmp_path/disk for the test, unmounted after it (even on failure)."""
+    from tests.support.disk import small_filesystem
+
+    with small_filesystem(tmp_path / "disk", "4m") as where:
+        yield where

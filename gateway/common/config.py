@@ -160,7 +160,9 @@ def build(cls: type[T], data: dict[str, Any], *, source: str | Path, prefix: str
 def secret(value: str, *, source: str | Path, key: str) -> str:
     """Resolve a secret reference: ``env:NAME``, ``file:/path`` or ``cred:NAME`` (a systemd
     credential, ``$CREDENTIALS_DIRECTORY/NAME``, from the unit's ``LoadCredential=``); plain text is
-    returned as is. Files are read at every load, so a reload sees a changed password.
+    returned as is. Files are read at every load, so a reload sees a changed ``file:`` password
+    (``cred:`` reads systemd's copy, made when the service starts). The environment is fixed for
+    the life of the process: an ``env:`` secret changes only with a restart.
 
     Secrets belong in the environment or a credential file, never in the config itself or a log.
     """

@@ -331,22 +331,25 @@ class HttpServer:
         return _json(status, doc)
 
     def health(self) -> Answer:
+        """200 only when every check is healthy. A check that is not ok but says ``degraded``
+        (working, with something an operator must look at) shows as "degraded", and so does the
+        whole answer unless another check is unhealthy."""
         checks: dict[str, Any] = {}
-        ok = True
+        statuses = set()
         for name, check in list(self.checks.items()):
             try:
                 good, detail = check()
             except Exception as e:
                 log.exception("health check %s failed", name)
                 good, detail = False, {"error": f"check failed: {e}"}
-            ok = ok and good
-            checks[name] = {"status": "healthy" if good else "unhealthy", **detail}
-        body = {
-            "status": "healthy" if ok else "unhealthy",
-            "timestamp": format_ts(now_ts()),
-            "checks": checks,
-        }
-        return (200 if ok else 503), body
+            detail = dict(detail)
+            degraded = bool(detail.pop("degraded", False))
+            status = "healthy" if good else "degraded" if degraded else "unhealthy"
+            statuses.add(status)
+            checks[name] = {"status": status, **detail}
+        overall = next((s for s in ("unhealthy", "degraded") if s in statuses), "healthy")
+        body = {"status": overall, "timestamp": format_ts(now_ts()), "checks": checks}
+        return (200 if overall == "healthy" else 503), body
 
 
 async def _close(runner: web.AppRunner) -> None:

@@ -21,6 +21,12 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def warning(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def error(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.ERROR, key, msg, *args)
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(key, -math.inf) < self._interval:
@@ -30,7 +36,7 @@ class RateLimitedLog:
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             msg += f" ({suppressed} more like this suppressed)"
-        self._logger.warning(msg, *args)
+        self._logger.log(level, msg, *args)
 
 
 # syslog priorities, which journald reads from a "<N>" prefix on each line of a service's stderr.

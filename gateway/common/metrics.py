@@ -79,6 +79,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.kafka_dead_lettered = Counter(
+            "iot_kafka_dead_lettered_total",
+            "Buffer rows Kafka refused for good, moved to the dead-letter store",
+            ["reason"],
+            registry=r,
+        )
         self.delivery_latency = Histogram(
             "iot_delivery_latency_seconds",
             "From buffer commit to Kafka confirmation",

@@ -9,12 +9,15 @@ it sent; the buffer commits what it still holds and closes.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.common.alarms import AlarmEngine
-from gateway.common.config import ConfigError
+from gateway.common.config import ConfigError, secret
 from gateway.common.http import HttpServer
 from gateway.common.metrics import Metrics
 from gateway.common.notify import Notifier
@@ -33,10 +36,33 @@ from gateway.edge.settings import GatewayConfig, load_gateway_config
 
 log = logging.getLogger(__name__)
 
+STOP_BUDGET_S = 10.0  # a stop (SIGTERM, or the old half of a reload) ends in about this
+STOP_GRACE_S = 10.0  # beyond the budget, a stage stuck in the kernel: the process exits
+
+
+@dataclass(frozen=True, repr=False)  # repr=False: never a password in a log line
+class Secrets:
+    """Every secret a config names, resolved (env:, file:, cred:). A daemon is built from them,
+    so a reload reads the credential files before the running gateway stops, and a failed one
+    can start the previous configuration again without reading anything."""
+
+    kafka: dict[str, Any]  # the producer's librdkafka settings, password included
+    http_token: str
+
+    @classmethod
+    def resolve(cls, config: GatewayConfig) -> Secrets:
+        """ConfigError naming the key if one cannot be read. The MQTT password is resolved when
+        the file is loaded (MqttConfig.from_toml)."""
+        token = secret(config.http.token, source=config.source, key="http.token")
+        return cls(config.kafka.producer_config(), token)
+
 
 class GatewayDaemon:
-    def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, metrics: Metrics | None = None, secrets: Secrets | None = None
+    ) -> None:
         self.config = config
+        self.secrets = Secrets.resolve(config) if secrets is None else secrets
         self.metrics = metrics if metrics is not None else Metrics()
         gw = config.gateway
         # An empty buffer must read 0, not be missing from /metrics until a row waits in it.
@@ -54,7 +80,9 @@ class GatewayDaemon:
         # The one path every reading takes: pipeline, then buffer.
         self.intake = Intake(self.buffer.submit, self.metrics, self.pipeline.process_batch)
         self.dead_letters = DeadLetterStore(config.deadletter.path, config.deadletter.max_rows)
-        self.forwarder = Forwarder(config.kafka, self.buffer, self.metrics)
+        self.forwarder = Forwarder(
+            config.kafka, self.buffer, self.metrics, self.dead_letters, self.secrets.kafka
+        )
         self.modbus = ModbusEngine(config.modbus, self.intake.sink_for("modbus"), self.metrics)
         self.mqtt = (
             MqttSource(
@@ -65,9 +93,15 @@ class GatewayDaemon:
         )
         self.http = HttpServer(config.http, self.metrics)
         self._last_count = (time.monotonic(), 0)
-        HttpIngest(config.http, self.intake.sink_for("http"), self.metrics, gw.plant_id).attach(
+        ingest = self.intake.sink_for("http")
+        HttpIngest(config.http, ingest, self.metrics, gw.plant_id, self.secrets.http_token).attach(
             self.http
         )
+
+    def again(self) -> GatewayDaemon:
+        """A new daemon for the same configuration and the same resolved secrets (to start the
+        previous configuration again after a reload that failed to start)."""
+        return GatewayDaemon(self.config, secrets=self.secrets)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -93,15 +127,50 @@ class GatewayDaemon:
             self.http.port,
         )
 
-    def stop(self) -> None:
+    def stop(self, budget: float = STOP_BUDGET_S) -> None:
+        """Stop every stage, in flow order, within about ``budget`` seconds; past ``budget`` +
+        STOP_GRACE_S (a stage stuck in the kernel) the process exits. Either way every committed
+        reading is on disk: commits are fsynced."""
         log.info("stopping: sources first, then the forwarder, then the buffer")
-        if self.mqtt is not None:
-            self.mqtt.stop()
-        self.modbus.stop()
-        self.http.stop()
-        self.forwarder.stop()
-        self.buffer.stop()
-        self.dead_letters.close()
+        started = time.monotonic()
+        stage = ["sources"]
+
+        def stuck() -> None:
+            log.error(
+                "stopping takes longer than %.0f s (stuck in %s): exiting now; every committed "
+                "reading is on disk",
+                budget + STOP_GRACE_S,
+                stage[0],
+            )
+            logging.shutdown()
+            os._exit(1)
+
+        guard = threading.Timer(budget + STOP_GRACE_S, stuck)
+        guard.daemon = True
+        guard.start()
+
+        def left(most: float) -> float:
+            return max(0.5, min(most, budget - (time.monotonic() - started)))
+
+        try:
+            # No source may stay blocked in a full buffer: what it queued is committed now,
+            # beyond the bound (it is only in memory), and blocked calls give up unacknowledged.
+            self.buffer.close_intake()
+            if self.mqtt is not None:
+                self.mqtt.stop(drain_timeout=left(3.0), ack_timeout=left(2.0))
+            stage[0] = "modbus"
+            self.modbus.stop()
+            stage[0] = "http"
+            self.http.stop()
+            stage[0] = "the forwarder"
+            self.forwarder.stop(timeout=left(5.0))
+            stage[0] = "the buffer"
+            self.buffer.stop(timeout=left(5.0))
+            stage[0] = "the dead-letter store"
+            self.dead_letters.close(timeout=left(2.0))
+        finally:
+            guard.cancel()
+        log.info("stopped in %.1f s", time.monotonic() - started)
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -127,11 +196,9 @@ class GatewayDaemon:
 
 
 def run_until_signalled(config_path: str | Path, notifier: Notifier | None = None) -> None:
-    """Run until SIGTERM or SIGINT, speaking systemd's notify protocol. SIGHUP reloads: the file is
-    read and checked again, and only if it is good are the stages stopped (in order, nothing lost)
-    and started anew with it; a bad file is logged and the running gateway carries on. A stage
-    thread that dies ends the daemon with StageDied (systemd restarts it); a wedged one stops the
-    watchdog pings.
+    """Run until SIGTERM or SIGINT, speaking systemd's notify protocol. SIGHUP reloads (see
+    ``reload``). A stage thread that dies ends the daemon with StageDied (systemd restarts it); a
+    wedged one stops the watchdog pings.
     """
     notify = notifier if notifier is not None else Notifier()
     signals = Signals()
@@ -144,19 +211,39 @@ def run_until_signalled(config_path: str | Path, notifier: Notifier | None = Non
             signals.wait(supervisor.interval)
             if signals.take_reload():
                 notify.send(*reloading_fields())
-                try:
-                    config = load_gateway_config(config_path)
-                except ConfigError as e:
-                    log.error("reload refused, the running configuration stays: %s", e)
-                    notify.send("READY=1", f"STATUS=reload refused: {str(e)[:200]}")
-                    continue
-                log.info("reloading %s", config_path)
-                daemon.stop()
-                daemon = GatewayDaemon(config)
-                daemon.start()
-                notify.send("READY=1", f"STATUS={daemon.status()}")
+                daemon, outcome = reload(daemon, config_path)
+                notify.send("READY=1", f"STATUS={outcome or daemon.status()}")
             elif not signals.stop.is_set():
                 supervisor.tick()
     finally:
         notify.send("STOPPING=1")
         daemon.stop()
+
+
+def reload(daemon: GatewayDaemon, config_path: str | Path) -> tuple[GatewayDaemon, str]:
+    """Read the file again and build the new daemon, every secret resolved (credential files are
+    read now; ``env:`` values are the process's and cannot change), while the old one runs: any
+    problem so far refuses the reload and the old one carries on untouched. Only then is the old
+    one stopped (in order, nothing lost) and the new one started; if that start fails, the
+    previous configuration is started again with its secrets as they were. Returns the daemon
+    that runs now, and a status line if the reload did not take."""
+    try:
+        new = GatewayDaemon(load_gateway_config(config_path))
+    except ConfigError as e:
+        log.error("reload refused, the running configuration stays: %s", e)
+        return daemon, f"reload refused: {str(e)[:200]}"
+    log.info("reloading %s", config_path)
+    daemon.stop()
+    try:
+        new.start()
+        return new, ""
+    except Exception as e:
+        log.error(
+            "reload failed while starting the new configuration (%s): starting the previous one "
+            "again",
+            e,
+        )
+        new.stop()
+    previous = daemon.again()
+    previous.start()  # if this fails too, the gateway ends and systemd restarts it
+    return previous, "reload failed: running the previous configuration"

@@ -5,6 +5,13 @@ after its own delivery report says it landed. The idempotent producer (acks=all,
 in flight) keeps per-partition order through its internal retries. If a delivery still fails, we
 stop producing, wait for every report still outstanding, and restart from the first failed row,
 so a failed reading is never overtaken by a later one it was not already ahead of.
+
+A row Kafka refuses for good (librdkafka's error code says so: too large, invalid, ...; see
+``classify``) is not retried: it moves to the dead-letter store with the error, is counted in
+``iot_kafka_dead_lettered_total``, marks /health degraded for a while, and every other row keeps
+flowing. Anything else (an outage, a timeout, an unknown code) is retried, from the first failed
+row, after a back-off that grows until that row is delivered (see ``Backoff``). A buffer that
+cannot be read is retried the same way; the thread never dies of it.
 """
 
 from __future__ import annotations
@@ -12,19 +19,23 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from gateway.common.kafka import KafkaConnection
+from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.stage import Health
 from gateway.common.supervise import Heartbeat
 from gateway.edge.buffer import Buffer, BufferClosed, Row
+from gateway.edge.deadletter import DeadLetterStore
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +51,91 @@ AUTH_ERRORS = {
     KafkaError._SSL,
 }
 DOWN_ERRORS = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+# What Kafka (or librdkafka, before sending) says about one record that no retry can change. The
+# producer retries everything else by itself (message.timeout.ms = 0): a delivery report with an
+# error is its last word on that record.
+PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,  # above message.max.bytes (the producer's or the broker's)
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_RECORD,  # the broker's validation refused this record
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_EXCEPTION,  # the row's topic name is invalid
+        KafkaError._INVALID_ARG,
+        KafkaError._BAD_MSG,
+    }
+)
 DOWN_GRACE_S = 10.0
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+Outcome = Literal["poison", "retry", "fatal", "refused"]
+
+
+def classify(err: KafkaError) -> Outcome:
+    """What a failed record's error means, by librdkafka's codes and flags, never by its text.
+
+    - ``fatal``: the producer is unusable (idempotence broken): make a new one, resend.
+    - ``refused``: authentication/authorization: every row is held until the config is fixed.
+    - ``poison``: this record can never be delivered: dead-letter it, go on with the others.
+    - ``retry``: anything else, unknown codes included (a row is dead-lettered only when Kafka
+      says it is the row's fault; an outage must never empty the buffer into the dead letters).
+    """
+    code = err.code()
+    if err.fatal():
+        return "fatal"
+    if code in AUTH_ERRORS:
+        return "refused"
+    if err.retriable():
+        return "retry"
+    if code in PERMANENT_ERRORS:
+        return "poison"
+    return "retry"
+
+
+@dataclass
+class Backoff:
+    """Delay before resending from a failed row: doubles while the same row keeps failing, and
+    resets only once that row is settled (delivered or dead-lettered), not on any delivery:
+    other partitions delivering meanwhile must not turn the retries into a storm."""
+
+    low: float = 0.5
+    high: float = 30.0
+    delay: float = field(init=False)
+    row: int | None = field(default=None, init=False)  # the row the back-off is about
+
+    def __post_init__(self) -> None:
+        self.delay = self.low
+
+    def mark(self, row_id: int) -> None:
+        """``row_id`` failed: the episode lasts until the first failed row is settled."""
+        if self.row is None or row_id < self.row:
+            self.row = row_id
+
+    def next_delay(self) -> float:
+        """A resend is due: how long to wait first (each one waits twice as long)."""
+        wait = self.delay
+        self.delay = min(self.delay * 2, self.high)
+        return wait
+
+    def failed(self, row_id: int) -> float:
+        self.mark(row_id)
+        return self.next_delay()
+
+    def settled(self, row_ids: Iterable[int]) -> bool:
+        """Rows delivered or dead-lettered; True if that ended the failing episode."""
+        if self.row is not None and self.row in set(row_ids):
+            self.row = None
+            self.delay = self.low
+            return True
+        return False
+
+
+class _Failure(NamedTuple):
+    row_id: int
+    err: KafkaError
+    topic: str
+    payload: bytes
 
 
 @dataclass(kw_only=True)
@@ -57,11 +151,14 @@ class ForwardConfig(KafkaConnection):
     fetch_batch: int = 5000  # rows read from the buffer at a time
     max_in_flight: int = 50000  # rows produced, not yet confirmed: ~20 MB at most
     stall_timeout_s: float = 30.0  # unhealthy when rows wait this long without any confirmation
+    degraded_s: float = 3600.0  # /health says degraded this long after a row was dead-lettered
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.fetch_batch < 1 or self.max_in_flight < 1:
             raise ValueError("fetch_batch and max_in_flight must be at least 1")
+        if self.degraded_s < 0:
+            raise ValueError("degraded_s must be at least 0")
 
     def producer_config(self) -> dict[str, Any]:
         conf = self.client_conf(client_id="edge-gateway", section="kafka")
@@ -82,6 +179,28 @@ class ForwardConfig(KafkaConnection):
         return conf
 
 
+def how_to_fix_credentials(password: str) -> str:
+    """What to do about refused credentials, by where the password comes from: a reload re-reads
+    the config and credential files, but cannot change the environment systemd gave the process."""
+    if password.startswith("env:"):
+        return (
+            f"The password comes from the environment variable {password[4:]}, which a reload "
+            "cannot change: fix it and restart the gateway (systemctl restart edge-gateway), or "
+            "better, keep it in a credential file, which a reload reads again: sasl_password = "
+            '"file:/etc/edge-gateway/kafka-password", or "cred:kafka-password" with '
+            "LoadCredential= in the unit. Check [kafka] sasl_username and ssl_ca_location too."
+        )
+    if password.startswith(("file:", "cred:")):
+        where = f"the credential file ({password})"
+    else:
+        where = "[kafka] sasl_password (better: a credential file, file:/path or cred:NAME)"
+    return (
+        f"Fix {where}, or [kafka] sasl_username/ssl_ca_location, then reload the gateway "
+        "(SIGHUP: systemctl reload edge-gateway): a reload reads the config and credential files "
+        "again, and a bad one leaves the gateway running as it is."
+    )
+
+
 class _DebugLog:
     """librdkafka's own log lines, demoted to DEBUG: error_cb reports what matters, once."""
 
@@ -93,10 +212,23 @@ class _DebugLog:
 
 
 class Forwarder:
-    def __init__(self, config: ForwardConfig, buffer: Buffer, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: ForwardConfig,
+        buffer: Buffer,
+        metrics: Metrics,
+        dead_letters: DeadLetterStore,
+        producer_conf: dict[str, Any] | None = None,
+    ) -> None:
+        """``producer_conf``: librdkafka settings with the secrets already resolved (the daemon
+        resolves them before it replaces a running gateway); by default from ``config`` now."""
         self.config = config
+        # Resolved once: a producer made anew after a fatal error must not fail on a credential
+        # file that changed meanwhile (a reload is what re-reads it).
+        self._conf = config.producer_config() if producer_conf is None else dict(producer_conf)
         self.buffer = buffer
         self.metrics = metrics
+        self.dead_letters = dead_letters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._beat = Heartbeat("kafka forwarder")
@@ -104,22 +236,28 @@ class Forwarder:
         self._topics: dict[str, str] = {}  # plant id -> readings topic
         self._observed = 0.0  # commit time of the last latency observed
         self._cursor = 0  # highest row id produced
+        self._generation = buffer.generation  # of the buffer file the cursor is about
         self._in_flight = 0
         self._acked: list[int] = []
         self._acked_topics: Counter[str] = Counter()
-        self._failed: list[int] = []
+        self._failed: list[_Failure] = []
         self._rewind_to: int | None = None
-        self._backoff = 0.5
+        self._backoff = Backoff()
+        self._read_backoff = Backoff()
+        self._read_error = ""  # why the buffer cannot be read, "" when it can
         self._fatal = False
         self._problem = ""  # why Kafka is unhealthy, "" when it is fine
         self._problem_code: int | None = None
         self._problem_serious = False
+        self._poisoned = 0  # rows dead-lettered since start
+        self._last_poison: tuple[float, str] | None = None  # (monotonic time, what and why)
         self._stop_timeout = 10.0
         self._last_delivery = time.monotonic()
         self._busy_since = time.monotonic()  # when rows last went in flight after none were
         self._down: tuple[int, str, float] | None = None  # a reported connection loss
         self._last_probe = 0.0
         self._latency = metrics.delivery_latency
+        self._log = RateLimitedLog(log, 30.0)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -138,14 +276,16 @@ class Forwarder:
         self._stop_timeout = timeout
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout + 10.0)
+            if self._thread.is_alive():
+                log.error("forwarder did not stop within %.0f s; leaving it", timeout + 10.0)
             self._thread = None
 
     def heartbeats(self) -> list[Heartbeat]:
         return [self._beat]
 
     def _make_producer(self) -> Producer:
-        conf = self.config.producer_config()
+        conf = dict(self._conf)
         conf["error_cb"] = self._on_error
         conf["logger"] = _DebugLog(logging.getLogger("gateway.edge.forward.librdkafka"))
         return Producer(conf)
@@ -155,14 +295,21 @@ class Forwarder:
         detail: dict[str, Any] = {
             "in_flight": self._in_flight,
             "last_delivery_age_s": round(now - self._last_delivery, 1),
+            "dead_lettered": self._poisoned,
         }
         waiting = now - max(self._last_delivery, self._busy_since)
         if self._thread is None or not self._thread.is_alive():
             return False, {**detail, "error": "forwarder is not running"}
+        if self._read_error:
+            return False, {**detail, "error": self._read_error}
         if self._problem:
             return False, {**detail, "error": self._problem}
         if self._in_flight and waiting > self.config.stall_timeout_s:
             return False, {**detail, "error": f"Kafka has confirmed nothing for {waiting:.0f} s"}
+        if self._last_poison is not None and now - self._last_poison[0] < self.config.degraded_s:
+            ago = now - self._last_poison[0]
+            reason = f"{self._last_poison[1]} ({ago:.0f} s ago; {self._poisoned} since start)"
+            return False, {**detail, "degraded": True, "error": reason}
         return True, detail
 
     # -- forwarder thread --------------------------------------------------------------------
@@ -171,13 +318,19 @@ class Forwarder:
         try:
             while not self._stop.is_set():
                 self._beat.beat()
+                if self.buffer.generation != self._generation:
+                    # A corrupt buffer file was replaced: salvaged rows may lie below the cursor.
+                    self._generation = self.buffer.generation
+                    self._rewind(0)
                 if self._rewind_to is not None:
                     self._recover()
                     continue
                 produced = 0
                 room = self.config.max_in_flight - self._in_flight
                 if room > 0 and self.buffer.last_id > self._cursor:
-                    rows = self.buffer.fetch(min(room, self.config.fetch_batch), self._cursor)
+                    rows = self._fetch(min(room, self.config.fetch_batch))
+                    if rows is None:
+                        continue
                     produced = self._produce(rows)
                 assert self._producer is not None
                 if produced:
@@ -194,6 +347,31 @@ class Forwarder:
             raise
         finally:
             self._shutdown()
+
+    def _fetch(self, limit: int) -> list[Row] | None:
+        """The next rows, or None (after a back-off) if the buffer cannot be read now."""
+        try:
+            rows = self.buffer.fetch(limit, self._cursor)
+        except sqlite3.Error as e:
+            wait = self._read_backoff.failed(self._cursor + 1)
+            self._read_error = f"cannot read the buffer ({e}); retrying in {wait:.1f} s"
+            self._log.error("read", "forwarder: %s", self._read_error)
+            self._wait_serving(wait)
+            return None
+        if self._read_error:
+            log.info("forwarder reads the buffer again")
+            self._read_error = ""
+            self._read_backoff = Backoff()
+        return rows
+
+    def _wait_serving(self, seconds: float) -> None:
+        """Wait, beating and serving delivery reports, until ``seconds`` pass or stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._beat.beat()
+            assert self._producer is not None
+            self._producer.poll(min(left, 0.5))
+            self._settle()
 
     def _topic(self, row: Row) -> str:
         if row.kind == "alarm":
@@ -218,8 +396,15 @@ class Forwarder:
             except BufferError:  # librdkafka's queue is full: serve reports, try again later
                 self._producer.poll(0.1)
                 break
-            except KafkaException as e:  # e.g. the producer is in a fatal state
-                self._on_error(e.args[0])
+            except KafkaException as e:  # refused before sending, or a producer in a fatal state
+                err: KafkaError = e.args[0]
+                if classify(err) == "poison" and self._dead_letter(
+                    _Failure(row.id, err, topic, row.payload)
+                ):
+                    self.buffer.delete([row.id])
+                    self._cursor = row.id
+                    continue
+                self._on_error(err)
                 self._rewind(row.id)
                 break
             self._cursor = row.id
@@ -238,30 +423,73 @@ class Forwarder:
             if created != self._observed:  # once per buffer transaction: its rows share it
                 self._observed = created
                 self._latency.observe(time.time() - created)
-        else:
-            self._failed.append(row_id)
-            self.metrics.kafka_delivery_failures.labels(err.name()).inc()
-            if err.fatal() or err.code() in AUTH_ERRORS | DOWN_ERRORS:
-                self._on_error(err)
-            else:
-                self._set_problem(err.code(), f"delivery to {topic} failed: {err.str()}")
+            return
+        self.metrics.kafka_delivery_failures.labels(err.name()).inc()
+        self._failed.append(_Failure(row_id, err, topic, msg.value() or b""))
+        outcome = classify(err)
+        if outcome in ("fatal", "refused") or err.code() in DOWN_ERRORS:
+            self._on_error(err)
+        elif outcome == "retry":
+            self._set_problem(err.code(), f"delivery to {topic} failed: {err.str()}")
 
     def _settle(self) -> None:
+        if self._failed:
+            failed, self._failed = self._failed, []
+            self._in_flight -= len(failed)
+            poison = {
+                f.row_id for f in failed if classify(f.err) == "poison" and self._dead_letter(f)
+            }
+            if poison:
+                self.buffer.delete(poison)
+                self._backoff.settled(poison)
+            retry = [f.row_id for f in failed if f.row_id not in poison]
+            if retry:
+                self._backoff.mark(min(retry))
+                self._rewind(min(retry))
         if self._acked:
             self.buffer.delete(self._acked)
             self._in_flight -= len(self._acked)
-            self._acked = []
             for topic, n in self._acked_topics.items():
                 self.metrics.kafka_delivered.labels(topic).inc(n)
             self._acked_topics.clear()
             self._last_delivery = time.monotonic()
-            self._backoff = 0.5
             self._down = None
-            self._clear_problem()
-        if self._failed:
-            self._in_flight -= len(self._failed)
-            self._rewind(min(self._failed))
-            self._failed = []
+            # Only the failed row's own delivery ends its episode: back-off and problem stay
+            # while other rows (other partitions) get through.
+            if self._backoff.settled(self._acked) or self._backoff.row is None:
+                self._clear_problem()
+            self._acked = []
+
+    def _dead_letter(self, failure: _Failure) -> bool:
+        """Store a row Kafka refused for good in the dead-letter store, durably (the caller then
+        deletes it from the buffer); False if the store failed, and the row stays buffered."""
+        row_id, err, topic, payload = failure
+        reason = err.name()
+        try:
+            self.dead_letters.add(
+                "kafka",
+                topic,
+                reason,
+                payload,
+                f"buffer row {row_id} (seq {row_id}): {err.str()}",
+                whole=True,
+            )
+        except (sqlite3.Error, TimeoutError, RuntimeError) as e:
+            self._log.error(
+                "dead-letter",
+                "Kafka refused row %d for good (%s), but the dead-letter store failed (%s): "
+                "it stays buffered and is retried",
+                row_id,
+                err.str(),
+                e,
+            )
+            return False
+        self._poisoned += 1
+        self.metrics.kafka_dead_lettered.labels(reason).inc()
+        what = f"Kafka refused buffer row {row_id} for {topic} for good: {err.str()} ({reason})"
+        self._last_poison = (time.monotonic(), f"{what}; it was moved to the dead-letter store")
+        log.error("%s; moved it to the dead-letter store, the other rows go on", what)
+        return True
 
     def _rewind(self, row_id: int) -> None:
         self._rewind_to = row_id if self._rewind_to is None else min(self._rewind_to, row_id)
@@ -273,6 +501,7 @@ class Forwarder:
         if self._fatal:  # a fatal producer delivers nothing more: fail what it holds, start anew
             self._producer.purge()
         while self._in_flight and not self._stop.is_set():
+            self._beat.beat()
             self._producer.poll(0.1)
             self._settle()
         if self._stop.is_set() or self._rewind_to is None:
@@ -284,10 +513,10 @@ class Forwarder:
             self.buffer.delete([], wait=True)  # barrier: the deletes queued so far are committed
         except TimeoutError:
             log.warning("buffer slow to delete delivered rows: some may be sent twice")
-        self._cursor = self._rewind_to - 1
-        self._rewind_to = None
-        self._stop.wait(self._backoff)
-        self._backoff = min(self._backoff * 2, 30.0)
+        rewind_to, self._rewind_to = self._rewind_to, None
+        self._cursor = rewind_to - 1
+        if self._backoff.row is not None:  # not just a replaced buffer file
+            self._wait_serving(self._backoff.next_delay())
 
     def _check_down(self) -> None:
         """Confirm a reported connection loss before calling Kafka unhealthy: brokers also close
@@ -323,10 +552,10 @@ class Forwarder:
             log.warning(
                 "forwarder stopping with %d rows unconfirmed: they stay buffered", self._in_flight
             )
-        try:
-            self.buffer.delete([], wait=True)  # barrier: the deletes queued above are committed
-        except BufferClosed:
-            log.warning("buffer stopped before the forwarder: confirmed rows will be resent")
+        try:  # barrier: the deletes queued above are committed (bounded: the disk may refuse)
+            self.buffer.delete([], wait=True, timeout=min(5.0, self._stop_timeout))
+        except (BufferClosed, TimeoutError) as e:
+            log.warning("confirmed rows not deleted (%s): they will be resent", e)
         producer.purge()
         producer.flush(0)
         self._producer = None
@@ -343,9 +572,8 @@ class Forwarder:
             self._set_problem(
                 code,
                 f"Kafka refused the gateway ({err.str()}): user {cfg.sasl_username!r} at "
-                f"{cfg.bootstrap_servers} ({cfg.security_protocol}). Readings stay buffered; fix "
-                "[kafka] sasl_username/sasl_password/ssl_ca_location, then reload the gateway "
-                "(SIGHUP: systemctl reload edge-gateway) or restart it.",
+                f"{cfg.bootstrap_servers} ({cfg.security_protocol}). Readings stay buffered. "
+                + how_to_fix_credentials(cfg.sasl_password),
                 serious=True,
             )
         elif code in DOWN_ERRORS:

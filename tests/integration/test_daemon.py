@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -432,3 +433,245 @@ def test_wrong_kafka_password_keeps_readings_buffered_until_fixed_and_reloaded(
             )
         finally:
             gw.close()
+
+
+def _prefill(setup: GatewaySetup, poison: bytes) -> int:
+    """Put 10 readings, one reading whose ``location`` is ``poison``, and 10 more readings into
+    the gateway's buffer before it starts; returns the poison row's id (its seq)."""
+    from gateway.common.metrics import Metrics
+    from gateway.common.model import Reading
+    from gateway.edge.buffer import Buffer, BufferConfig
+
+    def reading(i: int, location: str = "inlet") -> Reading:
+        return Reading(f"q-{i % 3}", "COD", float(i), "mg/L", time.time(), setup.plant, location)
+
+    with Buffer(BufferConfig(path=str(setup.buffer_path)), setup.gateway_id, Metrics()) as b:
+        b.submit_wait([reading(i) for i in range(10)], 30)
+        b.submit_wait([reading(10, poison.decode())], 30)
+        b.submit_wait([reading(i) for i in range(11, 21)], 30)
+        (row,) = [r for r in b.fetch(100) if len(r.payload) > len(poison)]
+        return row.id
+
+
+@pytest.mark.parametrize(
+    ("kafka_extra", "poison_size"),
+    [
+        # refused by the producer itself: produce() raises MSG_SIZE_TOO_LARGE
+        ({"extra": {"message.max.bytes": 100_000}}, 200_000),
+        # refused by the broker (its message.max.bytes is about 1 MB): a delivery report says so
+        ({"compression": "none", "extra": {"message.max.bytes": 4_000_000}}, 1_500_000),
+    ],
+    ids=["producer-limit", "broker-limit"],
+)
+def test_a_row_kafka_refuses_for_good_is_dead_lettered_and_every_other_row_flows(
+    kafka_env: dict[str, str], tmp_path: Path, kafka_extra: dict[str, Any], poison_size: int
+) -> None:
+    setup = GatewaySetup(
+        tmp_path, kafka_env["KAFKA_BOOTSTRAP_SERVERS"], extra={"kafka": kafka_extra}
+    )
+    poison = os.urandom(poison_size // 2).hex().encode()  # incompressible
+    poison_id = _prefill(setup, poison)
+    gw = gateway_for(setup)
+    with KafkaCollector(setup.kafka, [setup.raw_topic]) as kafka:
+        try:
+            gw.start()
+            gw.wait_serving()
+            wait_until(
+                lambda: len(kafka.snapshot(setup.raw_topic)) >= 20, 90, "the other 20 readings"
+            )
+            wait_until(lambda: check_of(gw, "buffer")["rows"] == 0, 60, "the buffer to drain")
+            status, health = gw.health()
+            kafka_check = health["checks"]["kafka"]
+            assert status == 503 and health["status"] == "degraded", health
+            assert kafka_check["status"] == "degraded", kafka_check
+            assert "MSG_SIZE_TOO_LARGE" in kafka_check["error"], kafka_check
+            assert gw.metric("iot_kafka_dead_lettered_total", reason="MSG_SIZE_TOO_LARGE") == 1
+            assert gw.terminate() == 0
+        finally:
+            gw.close()
+        values = sorted(m.value["value"] for m in kafka.snapshot(setup.raw_topic))
+    assert values == [float(i) for i in range(21) if i != 10]
+    con = sqlite3.connect(tmp_path / "deadletter.db")
+    try:
+        (row,) = con.execute("SELECT source, reason, detail, size, payload FROM dead_letters")
+    finally:
+        con.close()
+    source, reason, detail, size, payload = row
+    assert (source, reason) == ("kafka", "MSG_SIZE_TOO_LARGE")
+    assert str(poison_id) in detail
+    assert size == len(payload) and poison in payload  # kept whole
+    assert buffer_state(setup.buffer_path)[1] == []
+
+
+STOP_BOUND_S = 30.0  # what the test allows; the gateway aims at about 10 s (see README)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_full_buffer_with_kafka_down_neither_hangs_shutdown_nor_reload(
+    mqtt_env: dict[str, str], tmp_path: Path, sig: signal.Signals
+) -> None:
+    """overflow = "block", a tiny buffer and queue, Kafka unreachable, MQTT messages streaming in:
+    paho's thread ends up blocked in the buffer. SIGTERM must still end the gateway, and SIGHUP
+    still reload it, within a bound, keeping every committed row."""
+    setup = GatewaySetup(
+        tmp_path,
+        UNREACHABLE_KAFKA,
+        mqtt=mqtt_env,
+        buffer={"max_rows": OVERFLOW_BOUND, "overflow": "block", "queue_max": 50},
+    )
+    seq0 = init_buffer(setup.buffer_path, setup.gateway_id)
+    gw = gateway_for(setup, mqtt_env)
+    publisher = None
+    try:
+        publisher = start_streaming(gw, setup, mqtt_env, 200.0)
+        wait_until(
+            lambda: check_of(gw, "buffer")["queued"] >= 50, 90, "the buffer's queue to fill up"
+        )
+        assert gw.proc is not None
+        if sig == signal.SIGHUP:
+            started = time.monotonic()
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: gw.log().count("HTTP server on") == 2, STOP_BOUND_S, "the reload to end"
+            )
+            print(f"reload with a full buffer took {time.monotonic() - started:.1f} s")
+            gw.port = 0
+            gw.wait_serving()
+            wait_until(  # still full, still running
+                lambda: check_of(gw, "buffer")["status"] == "unhealthy", 30, "the buffer held"
+            )
+        started = time.monotonic()
+        rc = gw.terminate(timeout=STOP_BOUND_S)
+        print(f"SIGTERM with a full buffer took {time.monotonic() - started:.1f} s")
+        assert rc == 0, gw.log()[-3000:]
+    finally:
+        if publisher is not None:
+            publisher.close()
+        gw.close()
+    last, ids = buffer_state(setup.buffer_path)
+    assert ids == list(range(seq0 + 1, last + 1))  # every committed row kept, none dropped
+    assert len(ids) >= OVERFLOW_BOUND
+    assert "Traceback" not in gw.all_logs()
+
+
+def start_streaming(
+    gw: Gateway, setup: GatewaySetup, mqtt_env: dict[str, str], rate: float
+) -> Publisher:
+    """Start the gateway, wait for its MQTT subscription, then publish readings at ``rate``/s."""
+    gw.start()
+    gw.wait_serving()
+    wait_until(lambda: check_of(gw, "mqtt")["status"] == "healthy", 60, "the subscription")
+    publisher = Publisher(mqtt_env)
+    publisher.run_steadily(rate, lambda n: _stream_message(setup, n))
+    return publisher
+
+
+def _stream_message(setup: GatewaySetup, n: int) -> tuple[str, bytes, int]:
+    reading = {"sensorId": f"s-{n % 4}", "parameter": "TSS", "value": n, "unit": "mg/L"}
+    reading["timestamp"] = format_ts(time.time())
+    return setup.json_topic(f"s-{n % 4}"), json.dumps(reading).encode(), n
+
+
+def test_reload_rereads_credential_files_and_a_failing_reload_leaves_the_gateway_running(
+    kafka_env: dict[str, str], mqtt_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Kafka over SASL_SSL with its password in a file (file:), MQTT with its password in the
+    environment (env:, which a reload cannot change: it stays as it is). A reload while the file
+    is unreadable is refused and the gateway keeps serving and forwarding; a changed file is
+    read at the next reload (a wrong password, then the right one again)."""
+    password = tmp_path / "kafka-password"
+    password.write_text(kafka_env["KAFKA_SASL_PASSWORD"])
+    sasl = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": kafka_env["KAFKA_SASL_MECHANISM"],
+        "sasl_username": kafka_env["KAFKA_SASL_USERNAME"],
+        "sasl_password": f"file:{password}",
+        "ssl_ca_location": kafka_env["KAFKA_CA_FILE"],
+    }
+    setup = GatewaySetup(
+        tmp_path, kafka_env["KAFKA_SASL_BOOTSTRAP_SERVERS"], mqtt=mqtt_env, extra={"kafka": sasl}
+    )
+    gw = gateway_for(setup, mqtt_env)
+    publisher = None
+    with KafkaCollector(kafka_env["KAFKA_BOOTSTRAP_SERVERS"], [setup.raw_topic]) as kafka:
+
+        def arrived() -> int:
+            return len(kafka.snapshot(setup.raw_topic))
+
+        def more_arrive() -> None:
+            seen = arrived()
+            wait_until(lambda: arrived() > seen + 5, 60, "readings still reaching Kafka")
+
+        def reload(what: str) -> None:
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: what in gw.log(), 60, f"the log to say {what!r}")
+
+        try:
+            publisher = start_streaming(gw, setup, mqtt_env, 20.0)
+            more_arrive()
+
+            password.unlink()  # e.g. a credential not deployed yet
+            reload("reload refused")
+            assert "cannot read credential file" in gw.log()
+            assert gw.proc.poll() is None, gw.log()[-3000:]
+            assert gw.health()[0] == 200  # the old gateway still runs, serves and forwards
+            more_arrive()
+            assert gw.log().count("HTTP server on") == 1
+
+            password.write_text("not-the-password")
+            reload("reloading")
+            wait_until(lambda: gw.log().count("HTTP server on") == 2, 60, "the reload")
+            gw.port = 0
+            gw.wait_serving()
+            wait_until(
+                lambda: "refused" in check_of(gw, "kafka").get("error", ""),
+                90,
+                "the wrong password from the file to be used",
+            )
+            assert check_of(gw, "mqtt")["status"] == "healthy"  # env: password, unchanged
+
+            password.write_text(kafka_env["KAFKA_SASL_PASSWORD"])
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: gw.log().count("HTTP server on") == 3, 60, "the second reload")
+            gw.port = 0
+            gw.wait_serving()
+            wait_until(lambda: gw.health()[0] == 200, 90, "healthy with the right password")
+            more_arrive()
+            assert gw.terminate() == 0
+        finally:
+            if publisher is not None:
+                publisher.close()
+            gw.close()
+    assert "Traceback" not in gw.all_logs()
+
+
+def test_a_reload_that_fails_to_start_brings_the_previous_configuration_back(
+    tmp_path: Path,
+) -> None:
+    """The new file is good, but its HTTP port is taken: the new gateway cannot start once the
+    old one has stopped. The previous configuration runs again instead of the process ending."""
+    setup = GatewaySetup(tmp_path, UNREACHABLE_KAFKA)
+    gw = gateway_for(setup)
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        gw.start()
+        gw.wait_serving()
+        setup.extra = {"http": {"port": taken.getsockname()[1]}}
+        setup.write()
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "starting the previous one again" in gw.log(), 60, "the fallback")
+        wait_until(lambda: gw.log().count("HTTP server on") == 2, 60, "the previous config")
+        gw.port = 0
+        gw.wait_serving()
+        assert gw.proc.poll() is None
+        assert "buffer" in gw.health()[1]["checks"]
+        assert gw.terminate() == 0
+    finally:
+        taken.close()
+        gw.close()
+    assert "Traceback" not in gw.all_logs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Reading
 from gateway.edge.buffer import Buffer, BufferConfig
+from gateway.edge.deadletter import DeadLetterStore
 from gateway.edge.forward import ForwardConfig, Forwarder
 from tests.support.wait import wait_until
 
@@ -61,6 +63,13 @@ def buffer(tmp_path: Path, metrics: Metrics) -> Iterator[Buffer]:
     buf.stop()
 
 
+@pytest.fixture
+def dead_letters(tmp_path: Path) -> Iterator[DeadLetterStore]:
+    store = DeadLetterStore(tmp_path / "deadletter.db")
+    yield store
+    store.close()
+
+
 def consume(env: dict[str, str], topics: list[str], want: Any, timeout: float = 60) -> list[Any]:
     """Read the topics from the start until ``want(messages)`` holds."""
     consumer = Consumer(
@@ -94,7 +103,9 @@ def by_sensor(messages: list[Any]) -> dict[str, list[int]]:
     return seqs
 
 
-def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(kafka_env, buffer, metrics):
+def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(
+    kafka_env, buffer, metrics, dead_letters
+):
     plant = f"it{uuid.uuid4().hex[:8]}"
     odd_plant = f"{plant}/east 2"  # not a legal topic name as it is
     records: list[Any] = [reading(i, f"cod-{i % 3}", plant) for i in range(300)]
@@ -108,7 +119,7 @@ def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(kafka_env,
     records.append(alarm)
     buffer.submit_wait(records, timeout=10)
     stored = {r.id: r.payload for r in buffer.fetch(1000)}
-    fwd = Forwarder(plain(kafka_env), buffer, metrics)
+    fwd = Forwarder(plain(kafka_env), buffer, metrics, dead_letters)
     fwd.start()
     try:
         wait_until(lambda: buffer.stats()["rows"] == 0, 60, "the buffer to drain")
@@ -140,10 +151,14 @@ def test_readings_and_alarms_reach_their_topics_with_keys_and_headers(kafka_env,
     assert metrics.registry.get_sample_value("iot_delivery_latency_seconds_count")
 
 
-def test_order_per_sensor_holds_while_readings_keep_arriving(kafka_env, buffer, metrics):
+def test_order_per_sensor_holds_while_readings_keep_arriving(
+    kafka_env, buffer, metrics, dead_letters
+):
     plant = f"it{uuid.uuid4().hex[:8]}"
     sensors = [f"tss-{k}" for k in range(6)]
-    fwd = Forwarder(plain(kafka_env, fetch_batch=200, max_in_flight=500), buffer, metrics)
+    fwd = Forwarder(
+        plain(kafka_env, fetch_batch=200, max_in_flight=500), buffer, metrics, dead_letters
+    )
     fwd.start()
 
     def source() -> None:
@@ -168,10 +183,10 @@ def test_order_per_sensor_holds_while_readings_keep_arriving(kafka_env, buffer, 
         assert seqs[sensor] == sorted(seqs[sensor])
 
 
-def test_delivers_through_the_sasl_ssl_listener(kafka_env, buffer, metrics):
+def test_delivers_through_the_sasl_ssl_listener(kafka_env, buffer, metrics, dead_letters):
     plant = f"it{uuid.uuid4().hex[:8]}"
     buffer.submit_wait([reading(i, "ph-1", plant) for i in range(50)], timeout=10)
-    fwd = Forwarder(sasl(kafka_env), buffer, metrics)
+    fwd = Forwarder(sasl(kafka_env), buffer, metrics, dead_letters)
     fwd.start()
     try:
         wait_until(lambda: buffer.stats()["rows"] == 0, 60, "delivery over SASL_SSL")
@@ -186,12 +201,14 @@ def test_delivers_through_the_sasl_ssl_listener(kafka_env, buffer, metrics):
 # forwarder keeps sending them again from the first failed row.
 @pytest.mark.parametrize("extra", [{}, {"message.timeout.ms": 2000}], ids=["hold", "fail-resend"])
 def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
-    kafka_env, buffer, metrics, caplog, extra
+    kafka_env, buffer, metrics, dead_letters, caplog, extra
 ):
     plant = f"it{uuid.uuid4().hex[:8]}"
     buffer.submit_wait([reading(i, "bod-1", plant) for i in range(40)], timeout=10)
     with caplog.at_level(logging.INFO, logger="gateway.edge.forward"):
-        fwd = Forwarder(sasl(kafka_env, "not-the-password", extra=extra), buffer, metrics)
+        fwd = Forwarder(
+            sasl(kafka_env, "not-the-password", extra=extra), buffer, metrics, dead_letters
+        )
         fwd.start()
         try:
             wait_until(lambda: not fwd.health()[0], 30, "the forwarder to report the failure")
@@ -211,7 +228,7 @@ def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
     assert (failures or 0) >= (80 if extra else 0)  # failed, resent, failed again
 
     # Fixed credentials and a restart: everything goes out.
-    fwd = Forwarder(sasl(kafka_env), buffer, metrics)
+    fwd = Forwarder(sasl(kafka_env), buffer, metrics, dead_letters)
     fwd.start()
     try:
         wait_until(lambda: buffer.stats()["rows"] == 0, 60, "delivery after the fix")
@@ -219,3 +236,62 @@ def test_wrong_password_logs_one_error_turns_unhealthy_and_keeps_the_rows(
         fwd.stop()
     msgs = consume(kafka_env, [f"sensors.raw.{plant}"], lambda got: len(got) >= 40)
     assert sorted(json.loads(m.value())["value"] for m in msgs) == [float(i) for i in range(40)]
+
+
+def test_a_buffer_it_cannot_read_does_not_stop_the_forwarder(
+    kafka_env, buffer, metrics, dead_letters, caplog
+):
+    """The buffer file is damaged under the running gateway: the forwarder's read fails, it
+    retries with back-off (saying so) instead of dying; the buffer moves the file aside and
+    salvages what reads, and the forwarder sends the salvaged rows and the new ones."""
+    plant = f"it{uuid.uuid4().hex[:8]}"
+    buffer.submit_wait([reading(i, f"tds-{i % 4}", plant) for i in range(3000)], timeout=10)
+    con = sqlite3.connect(buffer.path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    with open(buffer.path, "r+b") as f:  # leaf pages in the middle of the table, as a bad disk
+        f.seek(40 * 4096)
+        f.write(b"\xa5" * 4 * 4096)
+    fwd = Forwarder(plain(kafka_env), buffer, metrics, dead_letters)
+    with caplog.at_level(logging.WARNING, logger="gateway.edge.forward"):
+        fwd.start()
+        try:
+            wait_until(lambda: buffer.generation == 1, 60, "the buffer to replace its file")
+            buffer.submit_wait([reading(5000, "tds-0", plant)], timeout=10)
+            wait_until(lambda: buffer.stats()["rows"] == 0, 60, "the buffer to drain")
+            assert fwd._thread is not None and fwd._thread.is_alive()
+            wait_until(lambda: fwd.health()[0], 30, "the forwarder healthy again")
+        finally:
+            fwd.stop()
+    assert any("cannot read the buffer" in r.getMessage() for r in caplog.records)
+    msgs = consume(kafka_env, [f"sensors.raw.{plant}"], lambda got: len(got) >= 2501)
+    values = sorted(json.loads(m.value())["value"] for m in msgs)
+    assert values[-1] == 5000.0
+    assert len(values) == len(set(values)) >= 2501  # the salvaged readings, each once
+
+
+@pytest.mark.parametrize("kind", ["env", "file"])
+def test_a_refused_password_says_how_to_change_it(
+    kafka_env, buffer, metrics, dead_letters, caplog, monkeypatch, tmp_path, kind
+):
+    """A reload cannot change the environment: for env: the log line says to restart (or to move
+    the password to a credential file); for file: it names the file a reload reads again."""
+    monkeypatch.setenv("TEST_KAFKA_PW", "not-the-password")
+    wrong = tmp_path / "kafka-password"
+    wrong.write_text("not-the-password")
+    reference = "env:TEST_KAFKA_PW" if kind == "env" else f"file:{wrong}"
+    with caplog.at_level(logging.INFO, logger="gateway.edge.forward"):
+        fwd = Forwarder(sasl(kafka_env, reference), buffer, metrics, dead_letters)
+        fwd.start()
+        try:
+            wait_until(lambda: not fwd.health()[0], 30, "the forwarder to report the failure")
+        finally:
+            fwd.stop(timeout=1)
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if kind == "env":
+        assert "environment variable TEST_KAFKA_PW" in error, error
+        assert "restart" in error and "cannot change" in error, error
+        assert "file:" in error and "cred:" in error, error  # the way that reloads
+    else:
+        assert str(wrong) in error and "reload" in error, error
+        assert "restart" not in error, error

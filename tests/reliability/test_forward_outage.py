@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 from gateway.common.metrics import Metrics
 from gateway.common.model import Reading
 from gateway.edge.buffer import Buffer, BufferConfig
+from gateway.edge.deadletter import DeadLetterStore
 from gateway.edge.forward import ForwardConfig, Forwarder
 from tests.support.services import ROOT
 from tests.support.wait import wait_until
@@ -74,8 +75,12 @@ def test_kafka_down_for_60_s_loses_and_reorders_nothing(kafka_env, tmp_path):
     metrics = Metrics()
     buffer = Buffer(BufferConfig(path=str(tmp_path / "buffer.db")), "gw-outage", metrics)
     buffer.start()
+    dead_letters = DeadLetterStore(tmp_path / "deadletter.db")
     fwd = Forwarder(
-        ForwardConfig(bootstrap_servers=kafka_env["KAFKA_BOOTSTRAP_SERVERS"]), buffer, metrics
+        ForwardConfig(bootstrap_servers=kafka_env["KAFKA_BOOTSTRAP_SERVERS"]),
+        buffer,
+        metrics,
+        dead_letters,
     )
     fwd.start()
     stop = threading.Event()
@@ -112,6 +117,7 @@ def test_kafka_down_for_60_s_loses_and_reorders_nothing(kafka_env, tmp_path):
         stop.set()
         fwd.stop()
         buffer.stop()
+        dead_letters.close()
 
     n = sent[0]
     values = read_all(kafka_env["KAFKA_BOOTSTRAP_SERVERS"], f"sensors.raw.{plant}", n * 5)

@@ -51,6 +51,11 @@ def run_id() -> str:
 # --- config --------------------------------------------------------------------------------------
 
 
+def _key(k: str) -> str:
+    """A bare key where TOML allows one; quoted otherwise (``"message.max.bytes"``)."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -61,7 +66,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"no TOML for {v!r}")
 
 
@@ -78,7 +83,7 @@ def toml_dumps(doc: dict[str, Any], prefix: str = "") -> str:
         if isinstance(v, dict) or _is_tables(v):
             nested.append((k, v))
         else:
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{_key(k)} = {_toml_value(v)}")
     out = "\n".join(lines) + ("\n" if lines else "")
     for k, v in nested:
         name = f"{prefix}.{k}" if prefix else k

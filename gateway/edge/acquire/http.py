@@ -26,12 +26,22 @@ PATH = "/api/readings"
 
 
 class HttpIngest:
-    def __init__(self, config: HttpConfig, sink: Sink, metrics: Metrics, plant_id: str) -> None:
+    def __init__(
+        self,
+        config: HttpConfig,
+        sink: Sink,
+        metrics: Metrics,
+        plant_id: str,
+        token: str | None = None,
+    ) -> None:
+        """``token``: the bearer token already resolved; by default from ``config.token``."""
         self.config = config
         self._sink = sink
         self._metrics = metrics
         self.plant_id = plant_id
-        self._token = secret(config.token, source="[http]", key="http.token").encode()
+        if token is None:
+            token = secret(config.token, source="[http]", key="http.token")
+        self._token = token.encode()
         self._reject_log = RateLimitedLog(log, 10.0)  # a misbehaving device must not flood it
 
     def attach(self, server: HttpServer) -> None:

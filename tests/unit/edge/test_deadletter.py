@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+from functools import partial
 
 from gateway.edge.deadletter import DeadLetterStore
 
@@ -56,3 +58,44 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     for t in threads:
         t.join()
     assert store.count() == 800
+
+
+def test_rejects_handed_in_from_one_thread_share_commits_and_are_acknowledged_once_durable(
+    tmp_path,
+):
+    """paho's thread hands rejects in one after another: it must not wait for an fsync each
+    time. They are group-committed, and each on_durable runs only once its row is on disk."""
+    store = DeadLetterStore(tmp_path / "dl.db", max_rows=10_000)
+    seen_on_disk: list[bool] = []
+    done = threading.Event()
+    n = 500
+
+    def durable(i: int) -> None:
+        con = sqlite3.connect(tmp_path / "dl.db")  # another connection sees only committed rows
+        seen_on_disk.append(
+            con.execute(
+                "SELECT count(*) FROM dead_letters WHERE topic = ?", (f"t/{i}",)
+            ).fetchone()[0]
+            == 1
+        )
+        con.close()
+        if len(seen_on_disk) == n:
+            done.set()
+
+    for i in range(n):
+        store.submit("mqtt", f"t/{i}", "not_json", b"x", on_durable=partial(durable, i))
+    assert done.wait(30)
+    assert all(seen_on_disk)
+    assert store.count() == n
+    assert store.commits < n / 5  # group commit, not one fsync per message
+    store.close()
+
+
+def test_close_commits_what_was_handed_in(tmp_path):
+    store = DeadLetterStore(tmp_path / "dl.db")
+    acked: list[int] = []
+    for i in range(100):
+        store.submit("mqtt", f"t/{i}", "not_json", b"x", on_durable=partial(acked.append, i))
+    store.close()
+    assert sorted(acked) == list(range(100))
+    assert DeadLetterStore(tmp_path / "dl.db").count() == 100

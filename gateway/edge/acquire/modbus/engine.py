@@ -28,7 +28,7 @@ from gateway.common.config import ConfigError, build
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Quality, Reading, Record, now_ts
-from gateway.common.stage import Health, Sink
+from gateway.common.stage import Health, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.modbus.frames import (
     ModbusError,
@@ -370,6 +370,10 @@ class BusWorker:
     def _emit(self, readings: list[Record]) -> None:
         try:
             self._sink(readings, None)
+        except SinkClosed:  # stopping: this poll is not taken
+            log.debug(
+                "%s: the sink is closed, %d readings not taken", self.bus.label, len(readings)
+            )
         except Exception:
             log.exception("the sink refused %d readings from %s", len(readings), self.bus.label)
 

@@ -17,7 +17,9 @@ import logging
 import ssl
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from gateway.common.config import build, secret
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Record, Rejection
-from gateway.common.stage import Health, Sink
+from gateway.common.stage import Health, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
 from gateway.edge.deadletter import DeadLetterStore
@@ -252,6 +254,8 @@ class MqttSource:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             self._handle(msg)
+        except SinkClosed:  # stopping: unacknowledged, so the broker redelivers it next time
+            log.debug("MQTT message not taken: the gateway is stopping")
         except Exception as e:  # paho would stop its thread; the message stays unacked
             self._log.warning("handler", "MQTT message not handled, it will be redelivered: %r", e)
 
@@ -268,8 +272,8 @@ class MqttSource:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = msg._topic.decode("utf-8", "replace")
-            self._reject(topic, payload, Rejection("bad_topic", "topic is not UTF-8"))
-            self._ack(mid, qos, generation)
+            rejection = Rejection("bad_topic", "topic is not UTF-8")
+            self._store(partial(self._reject, topic, payload, rejection), mid, qos, generation)
             return
         sub = self._subscription_for(topic)
         if sub is None:  # e.g. a filter left in the persistent session by an older config
@@ -279,11 +283,19 @@ class MqttSource:
                 topic, payload, sub, max_payload_bytes=self.config.max_payload_bytes
             )
         if isinstance(result, Rejection):
-            self._reject(topic, payload, result)
-            self._ack(mid, qos, generation)
+            self._store(partial(self._reject, topic, payload, result), mid, qos, generation)
             return
         for r in result:
             r.gateway_id = self._gateway_id
+        records: list[Record] = [*result]
+        self._store(partial(self._sink, records), mid, qos, generation)
+
+    def _store(
+        self, store: Callable[[Callable[[], None]], None], mid: int, qos: int, generation: int
+    ) -> None:
+        """Hand a message to ``store`` (the sink, or the dead-letter store), which calls back
+        once it is durable: only then is the message acknowledged. Counted in ``_pending`` until
+        then, so ``stop()`` can wait for it."""
         done = False
 
         def on_durable() -> None:
@@ -295,11 +307,10 @@ class MqttSource:
                 self._settle()
                 self._ack_locked(mid, qos, generation)
 
-        records: list[Record] = [*result]
         with self._lock:
             self._pending += 1
         try:
-            self._sink(records, on_durable)
+            store(on_durable)
         except BaseException:
             with self._lock:
                 if not done:
@@ -307,8 +318,11 @@ class MqttSource:
                     self._settle()
             raise
 
-    def _reject(self, topic: str, payload: bytes, rejection: Rejection) -> None:
-        """Count, log and dead-letter; raises (and so leaves it unacked) if the store fails."""
+    def _reject(
+        self, topic: str, payload: bytes, rejection: Rejection, on_durable: Callable[[], None]
+    ) -> None:
+        """Count, log and hand to the dead-letter store, which calls ``on_durable`` once the
+        row is committed; raises (and so leaves it unacked) if the store is closed."""
         self._metrics.rejected_payloads.labels(SOURCE, rejection.reason).inc()
         self._log.warning(
             rejection.reason,
@@ -317,11 +331,9 @@ class MqttSource:
             len(payload),
             rejection,
         )
-        self._dead.add(SOURCE, topic, rejection.reason, payload, rejection.detail)
-
-    def _ack(self, mid: int, qos: int, generation: int) -> None:
-        with self._lock:
-            self._ack_locked(mid, qos, generation)
+        self._dead.submit(
+            SOURCE, topic, rejection.reason, payload, rejection.detail, on_durable=on_durable
+        )
 
     def _ack_locked(self, mid: int, qos: int, generation: int) -> None:
         # paho's ack() only appends the PUBACK to a deque and wakes the network thread through
