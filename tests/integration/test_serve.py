@@ -43,7 +43,7 @@ def make_server(
 ) -> HttpServer:
     """The gateway's HTTP server with ingest through the one sink into a real buffer."""
     monkeypatch.setenv("GATEWAY_TEST_TOKEN", TOKEN)
-    config = HttpConfig(port=0, token=token, max_body_bytes=4096, **kw)
+    config = HttpConfig(**{"port": 0, "token": token, "max_body_bytes": 4096, **kw})
     server = HttpServer(config, buffer.metrics)
     sink = Intake(buffer.submit, buffer.metrics, process).sink_for("http")
     HttpIngest(config, sink, buffer.metrics, plant_id="default").attach(server)
@@ -129,6 +129,34 @@ def test_invalid_items_are_refused_with_reasons_per_index_and_nothing_stored(ser
     assert status == 400 and doc["error"] == "body is not JSON"
     status, doc, _ = request(server, "POST", "/api/readings", [])
     assert status == 400
+
+
+def test_fields_too_long_or_with_control_characters_are_refused_by_index_and_field(
+    buffer, monkeypatch
+):
+    # The reported case: a 1 MB location fits the default 1 MiB body limit; it was answered 202
+    # and Kafka then refused the row for ever. A newline in a tag would lose the point in InfluxDB.
+    srv = make_server(buffer, monkeypatch, max_body_bytes=1_048_576)
+    body = [
+        GOOD,
+        {**GOOD, "location": "x" * 1_000_000},
+        {**GOOD, "sensorId": "ph\n1"},
+        {**GOOD, "location": "inlet\nchannel 2"},
+    ]
+    try:
+        status, doc, _ = request(srv, "POST", "/api/readings", body)
+        one_status, one_doc, _ = request(srv, "POST", "/api/readings", body[2])
+    finally:
+        srv.stop()
+    assert status == 400, doc
+    assert [(e["index"], e["field"], e["reason"]) for e in doc["invalid"]] == [
+        (1, "location", "field_too_long"),
+        (2, "sensorId", "bad_characters"),
+        (3, "location", "bad_characters"),
+    ]
+    assert "at most 256" in doc["invalid"][0]["detail"]
+    assert one_status == 400 and one_doc["invalid"][0]["field"] == "sensorId"
+    assert buffer.fetch(10) == []
 
 
 def test_a_body_above_the_limit_is_refused_unread(server, buffer):

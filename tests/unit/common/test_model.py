@@ -100,3 +100,52 @@ def test_any_object_gives_a_reading_or_a_rejection(d):
 @given(st.binary(max_size=512))
 def test_any_bytes_give_a_reading_or_a_rejection(payload):
     assert isinstance(reading_from_json(payload), Reading | Rejection)
+
+
+# Identity fields are bounded and printable at intake (see README "Reading fields"): a field
+# InfluxDB or Kafka cannot carry must be refused with a reason, never accepted and lost later.
+@pytest.mark.parametrize(
+    ("change", "reason", "field"),
+    [
+        ({"location": "x" * 1_000_000}, "field_too_long", "location"),
+        ({"location": "x" * 257}, "field_too_long", "location"),
+        ({"location": "inlet\nchannel 2"}, "bad_characters", "location"),
+        ({"location": "inlet\tleft"}, "bad_characters", "location"),
+        ({"location": "inlet\\"}, "bad_characters", "location"),
+        ({"sensorId": "ph\n1"}, "bad_characters", "sensorId"),
+        ({"sensorId": "ph 1"}, "bad_characters", "sensorId"),
+        ({"sensorId": "ph\x001"}, "bad_characters", "sensorId"),
+        ({"sensorId": "ph\u200b1"}, "bad_characters", "sensorId"),  # zero-width space
+        ({"sensorId": "s" * 129}, "field_too_long", "sensorId"),
+        ({"plantId": "north\n"}, "bad_characters", "plantId"),
+        ({"plantId": "north works"}, "bad_characters", "plantId"),  # it names a Kafka topic
+        ({"plantId": "p" * 129}, "field_too_long", "plantId"),
+        ({"parameter": "p\rH"}, "bad_characters", "parameter"),
+        ({"parameter": "p" * 129}, "field_too_long", "parameter"),
+        ({"unit": "mg/L\n"}, "bad_characters", "unit"),
+        ({"unit": "u" * 33}, "field_too_long", "unit"),
+        ({"gatewayId": "gw\n1"}, "bad_characters", "gatewayId"),
+        ({"gatewayId": "g" * 129}, "field_too_long", "gatewayId"),
+    ],
+)
+def test_identity_fields_are_bounded_and_printable(change, reason, field):
+    r = reading_from_dict({**GOOD, **change})
+    assert isinstance(r, Rejection), r
+    assert (r.reason, r.field) == (reason, field)
+    assert r.detail.startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"location": "x" * 256},
+        {"location": "Zulauf Süd, Becken 2 (links)"},
+        {"sensorId": "s" * 128, "parameter": "p" * 128, "plantId": "p" * 128},
+        {"sensorId": "gateway:gw-1/ph#2@inlet", "plantId": "north_works.2-a"},
+        {"unit": "µS/cm"},
+        {"unit": "m³/h"},
+        {"gatewayId": "g" * 128},
+    ],
+)
+def test_fields_within_the_limits_are_accepted(change):
+    assert isinstance(reading_from_dict({**GOOD, **change}), Reading)
