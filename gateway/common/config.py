@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+from gateway.common.model import check_field
+
 T = TypeVar("T")
 
 
@@ -28,6 +30,24 @@ class ConfigError(ValueError):
         self.expected = expected
         where = f"{self.source}: {key}" if key else self.source
         super().__init__(f"{where}: {expected}")
+
+
+class KeyProblem(ValueError):
+    """Raised by a section's ``__post_init__`` check to name the key at fault (relative to the
+    section); ``build`` turns it into a ConfigError with the full key."""
+
+    def __init__(self, key: str, expected: str) -> None:
+        super().__init__(f"{key}: {expected}")
+        self.key = key
+        self.expected = expected
+
+
+def check_reading_field(key: str, name: str, value: str) -> None:
+    """A setting that becomes the Reading field ``name`` (e.g. a slave's ``sensor_id`` becomes
+    ``sensorId``) obeys the same limits as readings that arrive: KeyProblem if it does not."""
+    problem = check_field(name, value)
+    if problem is not None:
+        raise KeyProblem(key, problem.detail.removeprefix(f"{name}: "))
 
 
 # One file may configure both services; each reads its own sections and knows the other's names,
@@ -152,6 +172,8 @@ def build(cls: type[T], data: dict[str, Any], *, source: str | Path, prefix: str
             raise ConfigError(source, full, f"required key is missing ({_describe(hints[name])})")
     try:
         obj = cls(**kwargs)
+    except KeyProblem as e:
+        raise ConfigError(source, f"{prefix}.{e.key}" if prefix else e.key, e.expected) from None
     except ValueError as e:  # __post_init__ checks
         raise ConfigError(source, prefix, str(e)) from None
     return obj

@@ -23,6 +23,7 @@ from gateway.common.model import (
     Quality,
     Reading,
     Rejection,
+    check_identity,
     format_ts,
     reading_from_dict,
 )
@@ -101,13 +102,12 @@ def _fast(d: dict[str, object], plant_id: str) -> tuple[Reading, str] | None:
     reasons, seq = d.get("qualityReasons", []), d.get("seq")
     if not (
         type(sensor) is str
-        and 0 < len(sensor) <= 256
+        and sensor
         and type(parameter) is str
-        and 0 < len(parameter) <= 256
+        and parameter
         and type(plant) is str
-        and 0 < len(plant) <= 256
+        and plant
         and type(unit) is str
-        and len(unit) <= 32
         and type(quality) is str
         and quality in _QUALITY
         and type(reasons) is list
@@ -117,6 +117,10 @@ def _fast(d: dict[str, object], plant_id: str) -> tuple[Reading, str] | None:
     if reasons and not all(type(x) is str for x in reasons):
         return None
     location, gateway = d.get("location"), d.get("gatewayId")
+    location = location if type(location) is str else ""
+    gateway = gateway if type(gateway) is str else ""
+    if check_identity(sensor, parameter, plant, unit, location, gateway) is not None:
+        return None
     return Reading(
         sensor,
         parameter,
@@ -124,10 +128,10 @@ def _fast(d: dict[str, object], plant_id: str) -> tuple[Reading, str] | None:
         unit,
         ts,
         plant,
-        location if type(location) is str else "",
+        location,
         _QUALITY[quality],
         reasons,
-        gateway if type(gateway) is str else "",
+        gateway,
         seq,
     ), ts_text
 

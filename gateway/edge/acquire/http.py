@@ -72,7 +72,10 @@ def _parse(items: Sequence[Any], plant_id: str) -> tuple[list[Reading], list[dic
     for i, item in enumerate(items):
         result = reading_from_dict(item, plant_id=plant_id)
         if isinstance(result, Rejection):
-            errors.append({"index": i, "reason": result.reason, "detail": result.detail})
+            error = {"index": i, "reason": result.reason, "detail": result.detail}
+            if result.field:
+                error["field"] = result.field
+            errors.append(error)
         else:
             readings.append(result)
     return readings, errors

@@ -90,7 +90,7 @@ def test_a_string_value_becomes_a_bad_reading_without_value():
 
 def test_payloads_without_a_readings_identity_are_rejected_with_a_reason():
     assert decode(b'{"parameter": "pH", "value": 7}', "north") == Rejection(
-        "missing_field", "sensorId"
+        "missing_field", "sensorId", field="sensorId"
     )
     assert isinstance(decode(b"\xff\xfe", "north"), Rejection)
     assert decode(None, "north").reason == "empty"

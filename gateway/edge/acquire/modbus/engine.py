@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
-from gateway.common.config import ConfigError, build
+from gateway.common.config import ConfigError, build, check_reading_field
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Quality, Reading, Record, now_ts
@@ -69,6 +69,11 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         if not self.sensor_id:
             raise ValueError("sensor_id must not be empty")
+        check_reading_field("sensor_id", "sensorId", self.sensor_id)
+        for name, sensor_id in self.sensor_ids.items():
+            check_reading_field(f"sensor_ids.{name}", "sensorId", sensor_id)
+        check_reading_field("plant_id", "plantId", self.plant_id)
+        check_reading_field("location", "location", self.location)
         if self.interval <= 0:
             raise ValueError(f"interval must be positive, got {self.interval}")
         if self.unit is not None and not 0 <= self.unit <= 255:
