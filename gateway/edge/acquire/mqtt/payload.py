@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.common.config import check_reading_field
+from gateway.common.config import KeyProblem, check_reading_field
 from gateway.common.model import (
     EARLIEST_TS,
     LATEST_TS,
@@ -33,6 +33,12 @@ PLACEHOLDERS = {
 }
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _MS_EPOCH = 1e11  # a numeric ts above this is in milliseconds (1e11 s is the year 5138)
+QOS2_REFUSED = (
+    "0 or 1; qos = 2 is not supported: paho answers PUBREC before the reading is committed, so "
+    "a crash between the two would lose the message. Use qos = 1: a message is acknowledged "
+    "only once committed and a redelivery is recognised, so each is stored once (README, "
+    "Delivery)"
+)
 
 
 @dataclass
@@ -53,8 +59,10 @@ class Subscription:
     levels: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if self.qos == 2:
+            raise KeyProblem("qos", QOS2_REFUSED)
+        if self.qos not in (0, 1):
+            raise KeyProblem("qos", f"0 or 1, got {self.qos}")
         _check_filter(self.topic)
         for key, name in (
             ("plant_id", "plantId"),
