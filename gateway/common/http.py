@@ -13,13 +13,14 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.common.config import SECRET
 from gateway.common.metrics import Metrics
 from gateway.common.model import format_ts, now_ts
 from gateway.common.stage import HealthCheck
@@ -35,7 +36,8 @@ class HttpConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    token: str = ""  # bearer token for POST /api/readings (env:NAME or file:/path); "" = no ingest
+    # bearer token for POST /api/readings (env:NAME, file:/path or cred:NAME); "" = no ingest
+    token: str = field(default="", metadata=SECRET)
     max_body_bytes: int = 1_048_576
     commit_timeout_s: float = 10.0  # longer than this without a commit answers 503
 

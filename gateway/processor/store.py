@@ -20,13 +20,13 @@ import gzip
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
-from gateway.common.config import secret
+from gateway.common.config import SECRET, secret
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Reading
 from gateway.processor.aggregate import WindowAggregate
@@ -44,7 +44,7 @@ class InfluxConfig:
 
     url: str = "http://127.0.0.1:8086"
     org: str = "plant-ops"
-    token: str = "env:INFLUXDB_TOKEN"
+    token: str = field(default="env:INFLUXDB_TOKEN", metadata=SECRET)
     bucket: str = "sensors"
     bucket_1m: str = "sensors_1m"
     bucket_1h: str = "sensors_1h"

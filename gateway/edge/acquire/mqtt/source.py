@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.common.config import build, secret
+from gateway.common.config import SECRET, build, secret
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Record, Rejection
@@ -48,7 +48,7 @@ class MqttConfig:
     tls: bool = False
     ca_file: str = ""  # empty: the system's CAs
     username: str = ""
-    password: str = ""  # env:NAME or file:/path
+    password: str = field(default="", metadata=SECRET)  # env:NAME, file:/path or cred:NAME
     client_id: str = ""  # stable across restarts (it names the session); default from gateway id
     keepalive: int = 30
     session_expiry: int = 7 * 86400  # seconds the broker keeps queueing for us while we are down
