@@ -84,6 +84,22 @@ def test_timestamps_are_utc_with_milliseconds():
     assert format_ts(parse_ts("2026-11-28T07:00:00.5+01:00")) == "2026-11-28T06:00:00.500Z"
 
 
+def test_timestamps_keep_the_sources_microseconds():
+    # Two readings of one sensor within one millisecond are two readings: cutting their times to
+    # milliseconds on the wire would make them one point in InfluxDB.
+    assert format_ts(parse_ts("2026-11-28T06:00:00.123456Z")) == "2026-11-28T06:00:00.123456Z"
+    assert format_ts(parse_ts("2026-11-28T06:00:00.000001Z")) == "2026-11-28T06:00:00.000001Z"
+    assert format_ts(parse_ts("2026-11-28T06:00:00.1234567Z")) == "2026-11-28T06:00:00.123457Z"
+
+
+@given(st.integers(0, 4_102_444_800 * 10**6))
+def test_every_microsecond_survives_the_wire(us):
+    text = format_ts(us / 10**6)
+    assert round(parse_ts(text) * 10**6) == us
+    assert format_ts(parse_ts(text)) == text
+    assert len(text) == (24 if us % 1000 == 0 else 27)  # milliseconds when they suffice
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
