@@ -35,13 +35,20 @@ def now_ts() -> float:
 
 
 def format_ts(ts: float) -> str:
-    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-28T06:34:14.123Z."""
+    """RFC 3339 UTC to the microsecond: three fractional digits when they carry the whole time
+    (2026-11-28T06:34:14.123Z), six when the source's time has microseconds (…14.123456Z).
+
+    Two readings of one sensor within one millisecond stay two readings downstream.
+    """
     dt = datetime.fromtimestamp(ts, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    us = dt.microsecond
+    fraction = f"{us // 1000:03d}" if us % 1000 == 0 else f"{us:06d}"
+    return f"{dt.strftime('%Y-%m-%dT%H:%M:%S')}.{fraction}Z"
 
 
 def parse_ts(text: str) -> float:
-    """Parse an RFC 3339 timestamp; a missing offset is an error, not an assumption."""
+    """Parse an RFC 3339 timestamp; a missing offset is an error, not an assumption. Digits
+    beyond the microsecond are cut off."""
     if not isinstance(text, str):
         raise ValueError(f"timestamp must be an RFC 3339 string, got {type(text).__name__}")
     dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))

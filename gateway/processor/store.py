@@ -98,8 +98,10 @@ def _float(v: float) -> str:
     return repr(float(v))
 
 
-def ms(ts: float) -> int:
-    return round(ts * 1000)
+def us(ts: float) -> int:
+    """Epoch microseconds, the precision of every point and of ``latest_time``: a float of epoch
+    seconds holds the microsecond exactly enough for this to be the one format_ts writes."""
+    return round(ts * 1_000_000)
 
 
 _HEADS: dict[tuple[str, str, str, str, str, str], str] = {}
@@ -119,7 +121,7 @@ def _head(
 
 
 def reading_line(r: Reading) -> str:
-    """One raw reading; timestamp in milliseconds (the wire format's precision)."""
+    """One raw reading; timestamp in microseconds (the wire format's precision)."""
     # Series key plus the quality and unit fields repeat for every reading of a sensor: cached.
     key = (r.location, r.parameter, r.plant_id, r.sensor_id, r.quality.value, r.unit)
     line = _HEADS.get(key)
@@ -132,7 +134,7 @@ def reading_line(r: Reading) -> str:
         line = f"{line},value={float(v)!r}"
     if r.quality_reasons:
         line += f",reasons={_str_field(','.join(r.quality_reasons))}"
-    return f"{line} {round(r.timestamp * 1000)}"
+    return f"{line} {us(r.timestamp)}"
 
 
 def alarm_line(e: AlarmEvent) -> str:
@@ -155,18 +157,18 @@ def alarm_line(e: AlarmEvent) -> str:
         fields.append(f"value={_float(e.value)}")
     if e.threshold is not None:
         fields.append(f"threshold={_float(e.threshold)}")
-    return f"{ALERTS_MEASUREMENT}{tags} {','.join(fields)} {ms(e.timestamp)}"
+    return f"{ALERTS_MEASUREMENT}{tags} {','.join(fields)} {us(e.timestamp)}"
 
 
 def window_line(w: WindowAggregate) -> str:
-    """One partial window, timestamped at the window start (milliseconds)."""
+    """One partial window, timestamped at the window start; ``latest_time`` in microseconds."""
     tags = _tags((("parameter", w.parameter), ("plant_id", w.plant_id), ("source", w.source)))
     fields = (
         f"count={w.count}i,sum={_float(w.sum)},min={_float(w.min)},max={_float(w.max)},"
-        f"avg={_float(w.avg)},latest={_float(w.latest)},latest_time={ms(w.latest_time)}i,"
+        f"avg={_float(w.avg)},latest={_float(w.latest)},latest_time={us(w.latest_time)}i,"
         f"latest_sensor={_str_field(w.latest_sensor)},unit={_str_field(w.unit)}"
     )
-    return f"{MEASUREMENT}{tags} {fields} {w.start * 1000}"
+    return f"{MEASUREMENT}{tags} {fields} {w.start * 1_000_000}"
 
 
 # --- writer -------------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ class InfluxStore:
                 org=self.config.org,
                 bucket=bucket,
                 body=gzip.compress("\n".join(lines).encode(), compresslevel=1),
-                precision=WritePrecision.MS,
+                precision=WritePrecision.US,
                 content_encoding="gzip",
                 content_type="text/plain; charset=utf-8",
             )
