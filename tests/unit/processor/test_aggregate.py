@@ -318,7 +318,9 @@ def _distinct_windows(msgs: list[Reading]) -> dict:
     """Aggregates computed straight from the distinct readings (first copy of each)."""
     seen, out = set(), {}
     for r in msgs:
-        ident = (r.gateway_id, r.seq) if r.seq is not None else (r.sensor_id, round(r.timestamp, 3))
+        ident = (
+            (r.gateway_id, r.seq) if r.seq is not None else (r.sensor_id, round(r.timestamp * 1e6))
+        )
         if (r.parameter, ident) in seen:
             continue
         seen.add((r.parameter, ident))
