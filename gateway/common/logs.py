@@ -18,6 +18,12 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def warning(self, key: str, msg: str, *args: object) -> None:
+        self._log(logging.WARNING, key, msg, *args)
+
+    def info(self, key: str, msg: str, *args: object) -> None:
+        self._log(logging.INFO, key, msg, *args)
+
+    def _log(self, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(key, -math.inf) < self._interval:
@@ -27,4 +33,4 @@ class RateLimitedLog:
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             msg += f" ({suppressed} more like this suppressed)"
-        self._logger.warning(msg, *args)
+        self._logger.log(level, msg, *args)

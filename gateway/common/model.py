@@ -156,7 +156,23 @@ class AlarmEvent:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
 
 
-Record = Reading | AlarmEvent
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The identity of a delivery, handed to the sink with the records it became and committed
+    with them (it is never forwarded), so that the same delivery coming again is recognised.
+
+    ``source`` and ``key`` name the delivery as its sender names it again (an MQTT session and
+    packet id, a device's id and seq); ``fingerprint`` tells whether a delivery under the same key
+    is the same one; ``keep_s`` is how long the sender may deliver it again.
+    """
+
+    source: str
+    key: str
+    fingerprint: bytes
+    keep_s: float
+
+
+Record = Reading | AlarmEvent | Receipt
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,12 @@ class GatewayDaemon:
         self.modbus = ModbusEngine(config.modbus, self.intake.sink_for("modbus"), self.metrics)
         self.mqtt = (
             MqttSource(
-                config.mqtt, self.intake.sink_for("mqtt"), self.metrics, self.dead_letters, gw.id
+                config.mqtt,
+                self.intake.sink_for("mqtt"),
+                self.metrics,
+                self.dead_letters,
+                gw.id,
+                receipts=self.buffer,
             )
             if config.mqtt.enabled
             else None
