@@ -190,6 +190,31 @@ def test_a_full_buffer_answers_503_instead_of_hanging(server, buffer):
     assert status == 503 and headers["Retry-After"] and "retry" in doc["error"]
 
 
+def test_a_retry_after_a_503_is_stored_once_when_the_reading_carries_the_devices_seq(
+    server, buffer
+):
+    """A 503 means "not committed yet", not "not stored": the reading stays queued and may be
+    committed later. The device retries; its own id and seq make the retry recognisable."""
+    filler = [Reading("fill", "pH", 7.0, "pH", 1.79e9 + i) for i in range(50)]
+    buffer.submit_wait(filler, 10)  # the buffer is full (max_rows 50): commits wait for room
+    item = {**GOOD, "gatewayId": "dev-7", "seq": 41}
+    other = {**GOOD, "gatewayId": "dev-7", "seq": 42, "value": 7.3}
+    no_seq = {**GOOD, "value": 6.5}  # nothing to recognise a retry by: stored each time
+
+    assert request(server, "POST", "/api/readings", [item, no_seq])[0] == 503
+    assert request(server, "POST", "/api/readings", [item, no_seq])[0] == 503  # retried too soon
+    buffer.delete([r.id for r in all_rows(buffer) if r.key == "fill"], wait=True)
+    status, doc, _ = request(server, "POST", "/api/readings", [item, other])  # the next retry
+    assert status == 202 and doc["accepted"] == 2
+
+    rows = [json.loads(r.payload) for r in all_rows(buffer)]
+    assert sorted(r["value"] for r in rows) == [6.5, 6.5, 7.2, 7.3]
+
+
+def all_rows(buffer: Buffer) -> list[Any]:
+    return buffer.fetch(1000)
+
+
 def test_health_is_200_only_when_every_check_is_healthy(server):
     state = {"kafka": True}
     server.add_check("buffer", lambda: (True, {"rows": 0}))
