@@ -68,9 +68,13 @@ class GatewayDaemon:
             else None
         )
         self.http = HttpServer(config.http, self.metrics)
-        HttpIngest(config.http, self.intake.sink_for("http"), self.metrics, gw.plant_id).attach(
-            self.http
-        )
+        HttpIngest(
+            config.http,
+            self.intake.sink_for("http"),
+            self.metrics,
+            gw.plant_id,
+            receipts=self.buffer,
+        ).attach(self.http)
 
     # -- lifetime ------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ def make_server(
     config = HttpConfig(**{"port": 0, "token": token, "max_body_bytes": 4096, **kw})
     server = HttpServer(config, buffer.metrics)
     sink = Intake(buffer.submit, buffer.metrics, process).sink_for("http")
-    HttpIngest(config, sink, buffer.metrics, plant_id="default").attach(server)
+    HttpIngest(config, sink, buffer.metrics, plant_id="default", receipts=buffer).attach(server)
     server.start()
     return server
 
