@@ -1,7 +1,9 @@
 """The contracts every stage of both services keeps.
 
 - A **source** (Modbus, MQTT, HTTP ingest) hands its records to a :class:`Sink`; ``on_durable``
-  runs once they are committed to disk, and only then may the source acknowledge them.
+  runs once they are committed to disk, and only then may the source acknowledge them. A source
+  whose sender may deliver again adds a ``Receipt`` to the records and asks :class:`Receipts`
+  whether a delivery that comes again was committed already.
 - Every stage answers health as :data:`Health`: ``(ok, detail)``, where ``detail`` says why when
   it is not ok. ``/health`` shows each stage's answer under its name.
 - A :class:`Stage` owns its threads and resources between ``start()`` and ``stop()``.
