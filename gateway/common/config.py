@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+from gateway.common.model import check_field
+
 T = TypeVar("T")
 
 
@@ -28,6 +30,24 @@ class ConfigError(ValueError):
         self.expected = expected
         where = f"{self.source}: {key}" if key else self.source
         super().__init__(f"{where}: {expected}")
+
+
+class KeyProblem(ValueError):
+    """Raised by a section's ``__post_init__`` check to name the key at fault (relative to the
+    section); ``build`` turns it into a ConfigError with the full key."""
+
+    def __init__(self, key: str, expected: str) -> None:
+        super().__init__(f"{key}: {expected}")
+        self.key = key
+        self.expected = expected
+
+
+def check_reading_field(key: str, name: str, value: str) -> None:
+    """A setting that becomes the Reading field ``name`` (e.g. a slave's ``sensor_id`` becomes
+    ``sensorId``) obeys the same limits as readings that arrive: KeyProblem if it does not."""
+    problem = check_field(name, value)
+    if problem is not None:
+        raise KeyProblem(key, problem.detail.removeprefix(f"{name}: "))
 
 
 # One file may configure both services; each reads its own sections and knows the other's names,
@@ -129,19 +149,35 @@ def _convert(tp: Any, value: Any, source: str | Path, key: str) -> Any:
 
 
 def build(cls: type[T], data: dict[str, Any], *, source: str | Path, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a TOML table, or raise ConfigError naming the bad key."""
+    """Build dataclass ``cls`` from a TOML table, or raise ConfigError naming the bad key.
+
+    Fields marked ``SECRET`` must hold a reference (env:, file:, cred:) unless the table sets
+    ``allow_plaintext_secrets = true``.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
+    secrets = [name for name, f in fields.items() if f.metadata.get("secret")]
+    allow_plaintext = False
+    if secrets and ALLOW_PLAINTEXT in data:
+        full = f"{prefix}.{ALLOW_PLAINTEXT}" if prefix else ALLOW_PLAINTEXT
+        allow_plaintext = _convert(bool, data[ALLOW_PLAINTEXT], source, full)
+        data = {k: v for k, v in data.items() if k != ALLOW_PLAINTEXT}
     kwargs: dict[str, Any] = {}
     for raw_key, value in data.items():
         name = raw_key.replace("-", "_")
         full = f"{prefix}.{raw_key}" if prefix else raw_key
         if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
+            names = [*fields, ALLOW_PLAINTEXT] if secrets else list(fields)
+            close = difflib.get_close_matches(name, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            known = ", ".join(sorted(fields))
+            known = ", ".join(sorted(names))
             raise ConfigError(source, full, f"unknown key{hint}; expected one of: {known}")
         kwargs[name] = _convert(hints[name], value, source, full)
+    for name in [] if allow_plaintext else secrets:
+        value = kwargs.get(name)
+        if isinstance(value, str) and value and not value.startswith(SECRET_REFERENCES):
+            full = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(source, full, _plaintext_refused(prefix))
     for name, f in fields.items():
         if (
             name not in kwargs
@@ -152,9 +188,27 @@ def build(cls: type[T], data: dict[str, Any], *, source: str | Path, prefix: str
             raise ConfigError(source, full, f"required key is missing ({_describe(hints[name])})")
     try:
         obj = cls(**kwargs)
+    except KeyProblem as e:
+        raise ConfigError(source, f"{prefix}.{e.key}" if prefix else e.key, e.expected) from None
     except ValueError as e:  # __post_init__ checks
         raise ConfigError(source, prefix, str(e)) from None
     return obj
+
+
+# Field metadata of a setting that holds a secret: ``field(default="", metadata=SECRET)``.
+SECRET = types.MappingProxyType({"secret": True})
+SECRET_REFERENCES = ("env:", "file:", "cred:")
+ALLOW_PLAINTEXT = "allow_plaintext_secrets"
+
+
+def _plaintext_refused(section: str) -> str:
+    where = f"[{section}]" if section else "its section"
+    return (
+        "a reference to the secret, not the secret itself: env:NAME (an environment variable), "
+        "file:/path (a file only the service may read) or cred:NAME (a systemd credential, "
+        f"LoadCredential=); a plain-text secret is refused unless {where} sets "
+        f"{ALLOW_PLAINTEXT} = true"
+    )
 
 
 def secret(value: str, *, source: str | Path, key: str) -> str:
@@ -162,22 +216,34 @@ def secret(value: str, *, source: str | Path, key: str) -> str:
     credential, ``$CREDENTIALS_DIRECTORY/NAME``, from the unit's ``LoadCredential=``); plain text is
     returned as is. Files are read at every load, so a reload sees a changed ``file:`` password
     (``cred:`` reads systemd's copy, made when the service starts). The environment is fixed for
-    the life of the process: an ``env:`` secret changes only with a restart.
+    the life of the process: an ``env:`` secret changes only with a restart. Other text is returned
+    as is (the config loader refuses it in a file unless the section allows plain-text secrets).
 
     Secrets belong in the environment or a credential file, never in the config itself or a log.
     """
+    if value.startswith("cred:"):
+        name = value[5:]
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not name or "/" in name:
+            raise ConfigError(source, key, f"a credential name without '/', got {name!r}")
+        if not directory:
+            raise ConfigError(
+                source,
+                key,
+                f"credential {name}: CREDENTIALS_DIRECTORY is not set (cred: needs a systemd "
+                "unit with LoadCredential=)",
+            )
+        try:
+            return (Path(directory) / name).read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                source, key, f"cannot read credential {name} ({e.strerror})"
+            ) from None
     if value.startswith("env:"):
         name = value[4:]
         if name not in os.environ:
             raise ConfigError(source, key, f"environment variable {name} is not set")
         return os.environ[name]
-    if value.startswith("cred:"):
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise ConfigError(
-                source, key, "cred: needs $CREDENTIALS_DIRECTORY (LoadCredential= in the unit)"
-            )
-        value = "file:" + str(Path(directory) / value[5:])
     if value.startswith("file:"):
         try:
             return Path(value[5:]).read_text().strip()

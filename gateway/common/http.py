@@ -26,13 +26,14 @@ import mimetypes
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.common.config import SECRET
 from gateway.common.metrics import Metrics
 from gateway.common.model import format_ts, now_ts
 from gateway.common.stage import HealthCheck
@@ -55,7 +56,8 @@ class HttpConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    token: str = ""  # bearer token for POST /api/readings (env:NAME or file:/path); "" = no ingest
+    # bearer token for POST /api/readings (env:NAME, file:/path or cred:NAME); "" = no ingest
+    token: str = field(default="", metadata=SECRET)
     max_body_bytes: int = 1_048_576
     commit_timeout_s: float = 10.0  # longer than this without a commit answers 503
     workers: int = 16  # threads for handlers that block (each ingest request waits for a commit)

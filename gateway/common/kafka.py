@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.common.config import secret
+from gateway.common.config import SECRET, secret
 
 
 @dataclass(kw_only=True)
@@ -16,7 +16,7 @@ class KafkaConnection:
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-256"
     sasl_username: str = ""
-    sasl_password: str = ""  # env:NAME or file:/path, never the password itself
+    sasl_password: str = field(default="", metadata=SECRET)  # env:, file: or cred:, never itself
     ssl_ca_location: str = ""
     extra: dict[str, str | int | bool] = field(default_factory=dict)  # other librdkafka settings
     source: str = field(default="config", init=False)  # the config file, for error messages

@@ -26,6 +26,9 @@ class RateLimitedLog:
     def error(self, key: str, msg: str, *args: object) -> None:
         self.log(logging.ERROR, key, msg, *args)
 
+    def info(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.INFO, key, msg, *args)
+
     def log(self, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:

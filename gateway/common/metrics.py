@@ -64,6 +64,12 @@ class Metrics:
         self.modbus_requests = Counter(
             "iot_modbus_requests_total", "Modbus read requests sent", ["port"], registry=r
         )
+        self.redeliveries = Counter(
+            "iot_redeliveries_total",
+            "Deliveries recognised as already committed: acknowledged again, not stored again",
+            ["source"],
+            registry=r,
+        )
         self.rejected_payloads = Counter(
             "iot_rejected_payloads_total",
             "Payloads that could not become readings (dead-lettered)",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -33,13 +35,20 @@ def now_ts() -> float:
 
 
 def format_ts(ts: float) -> str:
-    """RFC 3339 UTC with millisecond precision, e.g. 2026-11-28T06:34:14.123Z."""
+    """RFC 3339 UTC to the microsecond: three fractional digits when they carry the whole time
+    (2026-11-28T06:34:14.123Z), six when the source's time has microseconds (…14.123456Z).
+
+    Two readings of one sensor within one millisecond stay two readings downstream.
+    """
     dt = datetime.fromtimestamp(ts, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    us = dt.microsecond
+    fraction = f"{us // 1000:03d}" if us % 1000 == 0 else f"{us:06d}"
+    return f"{dt.strftime('%Y-%m-%dT%H:%M:%S')}.{fraction}Z"
 
 
 def parse_ts(text: str) -> float:
-    """Parse an RFC 3339 timestamp; a missing offset is an error, not an assumption."""
+    """Parse an RFC 3339 timestamp; a missing offset is an error, not an assumption. Digits
+    beyond the microsecond are cut off."""
     if not isinstance(text, str):
         raise ValueError(f"timestamp must be an RFC 3339 string, got {type(text).__name__}")
     dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
@@ -207,32 +216,148 @@ class Prediction:
         return d
 
 
-Record = Reading | AlarmEvent
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The identity of a delivery, handed to the sink with the records it became and committed
+    with them (it is never forwarded), so that the same delivery coming again is recognised.
+
+    ``source`` and ``key`` name the delivery as its sender names it again (an MQTT session and
+    packet id, a device's id and seq); ``fingerprint`` tells whether a delivery under the same key
+    is the same one; ``keep_s`` is how long the sender may deliver it again.
+    """
+
+    source: str
+    key: str
+    fingerprint: bytes
+    keep_s: float
+
+
+Record = Reading | AlarmEvent | Receipt
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """Why a payload could not become a reading; kept with the payload in a dead-letter store."""
+    """Why a payload could not become a reading; kept with the payload in a dead-letter store.
+
+    ``field`` names the Reading field at fault (its wire name, e.g. ``location``) when one is.
+    """
 
     reason: str
     detail: str = ""
+    field: str = ""
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
+# --- the fields of a reading, as they may enter -------------------------------------------------
+#
+# Every source passes these checks (HTTP and MQTT payloads through reading_from_dict, MQTT topic
+# levels through check_reading, Modbus and subscription settings when the config is loaded), so a
+# reading that got in can always be forwarded to Kafka and stored in InfluxDB: no field is longer
+# than a limit, and none holds a character a tag or a topic name cannot carry (a newline in a tag
+# is written as a bare space, and InfluxDB then refuses the point).
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRule:
+    limit: int  # characters
+    allowed: str  # the characters allowed, said for the person who sent them
+    ok: Callable[[str], bool]  # the whole value is made of allowed characters
+    char_ok: Callable[[str], bool]  # one character is allowed (to name the first that is not)
+
+
+_TOPIC_CHAR = re.compile(r"[A-Za-z0-9._-]")
+_TOPIC_TEXT = re.compile(r"[A-Za-z0-9._-]*")
+
+
+def _id_ok(v: str) -> bool:
+    return v.isprintable() and " " not in v and "\\" not in v
+
+
+def _tag_ok(v: str) -> bool:
+    return v.isprintable() and "\\" not in v
+
+
+_ID = FieldRule(
+    128,
+    "printable characters other than whitespace and backslash",
+    _id_ok,
+    _id_ok,
+)
+FIELDS: dict[str, FieldRule] = {
+    "sensorId": _ID,
+    "parameter": _ID,
+    "gatewayId": _ID,
+    # It names the Kafka topic sensors.raw.<plantId>: only what a topic name may hold.
+    "plantId": FieldRule(
+        128,
+        "letters A-Z and a-z, digits, '.', '_' and '-'",
+        lambda v: _TOPIC_TEXT.fullmatch(v) is not None,
+        lambda c: _TOPIC_CHAR.fullmatch(c) is not None,
+    ),
+    "location": FieldRule(
+        256, "printable characters (spaces too) other than backslash", _tag_ok, _tag_ok
+    ),
+    "unit": FieldRule(32, "printable characters (spaces too)", str.isprintable, str.isprintable),
+}
+
+
+def check_field(name: str, value: str) -> Rejection | None:
+    """Why ``value`` cannot be the Reading field ``name`` (its wire name), or None if it can.
+
+    Emptiness is not checked here: a missing sensor id is the caller's ``missing_field``.
+    """
+    rule = FIELDS[name]
+    if len(value) > rule.limit:
+        return Rejection(
+            "field_too_long", f"{name}: {len(value)} characters, at most {rule.limit}", name
+        )
+    if rule.ok(value):
+        return None
+    i, c = next((i, c) for i, c in enumerate(value) if not rule.char_ok(c))
+    return Rejection(
+        "bad_characters",
+        f"{name}: character {c!r} (U+{ord(c):04X}) at {i} is not allowed; allowed: {rule.allowed}",
+        name,
+    )
+
+
+def check_identity(
+    sensor_id: str, parameter: str, plant_id: str, unit: str, location: str, gateway_id: str
+) -> Rejection | None:
+    """The first field of a reading that fails ``check_field``, in wire order; None if none."""
+    for name, value in (
+        ("sensorId", sensor_id),
+        ("plantId", plant_id),
+        ("parameter", parameter),
+        ("unit", unit),
+        ("location", location),
+        ("gatewayId", gateway_id),
+    ):
+        problem = check_field(name, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def check_reading(r: Reading) -> Rejection | None:
+    """``check_identity`` for a reading a source built itself (e.g. from MQTT topic levels)."""
+    return check_identity(r.sensor_id, r.parameter, r.plant_id, r.unit, r.location, r.gateway_id)
+
+
 def _text(d: dict[str, Any], key: str, default: str | None = None) -> str:
     v = d.get(key, default)
     if v is None:
-        raise _Bad("missing_field", key)
-    if not isinstance(v, str) or not v or len(v) > 256:
-        raise _Bad("wrong_type", f"{key} must be a non-empty string of at most 256 characters")
+        raise _Bad("missing_field", key, key)
+    if not isinstance(v, str) or not v:
+        raise _Bad("wrong_type", f"{key} must be a non-empty string", key)
     return v
 
 
 class _Bad(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        self.rejection = Rejection(reason, detail)
+    def __init__(self, reason: str, detail: str, field: str = "") -> None:
+        self.rejection = Rejection(reason, detail, field)
 
 
 def reading_from_dict(d: Any, *, plant_id: str = "default") -> Reading | Rejection:
@@ -257,8 +382,8 @@ def reading_from_dict(d: Any, *, plant_id: str = "default") -> Reading | Rejecti
         if not EARLIEST_TS <= ts <= LATEST_TS:
             raise _Bad("bad_timestamp", f"{ts_text!r} is outside 1970-2100")
         unit = d.get("unit", "")
-        if not isinstance(unit, str) or len(unit) > 32:
-            raise _Bad("wrong_type", "unit must be a string of at most 32 characters")
+        if not isinstance(unit, str):
+            raise _Bad("wrong_type", "unit must be a string", "unit")
         quality_text = d.get("quality", "good")
         try:
             quality = Quality(quality_text)
@@ -273,17 +398,24 @@ def reading_from_dict(d: Any, *, plant_id: str = "default") -> Reading | Rejecti
         if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
             raise _Bad("wrong_type", "seq must be an integer")
         fval = None if value is None else float(value)
+        sensor_id, parameter = _text(d, "sensorId"), _text(d, "parameter")
+        plant = _text(d, "plantId", plant_id)
+        location = d["location"] if isinstance(d.get("location"), str) else ""
+        gateway_id = d["gatewayId"] if isinstance(d.get("gatewayId"), str) else ""
+        problem = check_identity(sensor_id, parameter, plant, unit, location, gateway_id)
+        if problem is not None:
+            return problem
         return Reading(
-            sensor_id=_text(d, "sensorId"),
-            parameter=_text(d, "parameter"),
+            sensor_id=sensor_id,
+            parameter=parameter,
             value=fval,
             unit=unit,
             timestamp=ts,
-            plant_id=_text(d, "plantId", plant_id),
-            location=d["location"] if isinstance(d.get("location"), str) else "",
+            plant_id=plant,
+            location=location,
             quality=quality,
             quality_reasons=list(reasons),
-            gateway_id=d["gatewayId"] if isinstance(d.get("gatewayId"), str) else "",
+            gateway_id=gateway_id,
             seq=seq,
         )
     except _Bad as e:

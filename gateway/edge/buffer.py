@@ -14,6 +14,11 @@ are salvaged into the new file, with their ids (so their seq) unchanged.
 The bounds count what the files take on disk: database pages in use plus the WAL, and the buffer
 leaves ``min_free_bytes`` of the disk free. New files use incremental vacuum, so the file shrinks
 after a drain.
+
+Receipts (``model.Receipt``) handed in with records are committed in the same transaction into
+their own table, never forwarded: a source asks ``recall`` whether a delivery that comes again
+was already committed (or is queued), and says with ``forget`` when its sender will no longer
+deliver one again. They expire after the sender's redelivery horizon (``keep_s``).
 """
 
 from __future__ import annotations
@@ -26,15 +31,15 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
-from gateway.common.model import AlarmEvent, Reading, Record
-from gateway.common.stage import Health, OnDurable, SinkClosed, submit_and_wait
+from gateway.common.model import AlarmEvent, Reading, Receipt, Record
+from gateway.common.stage import Health, OnDurable, Recall, SinkClosed, submit_and_wait
 from gateway.common.supervise import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -54,7 +59,17 @@ CREATE TABLE IF NOT EXISTS records (
     created REAL NOT NULL                  -- commit time, epoch seconds
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS receipts (
+    source TEXT NOT NULL,                  -- e.g. 'mqtt:<client id>', 'http'
+    key TEXT NOT NULL,                     -- e.g. the MQTT packet id
+    fingerprint BLOB NOT NULL,             -- tells a redelivery from another delivery of that key
+    committed REAL NOT NULL,               -- commit time, epoch seconds
+    expires REAL NOT NULL,                 -- after this its sender delivers it no more
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS receipts_expires ON receipts (expires);
 """
+PRUNE_INTERVAL_S = 60.0  # how often expired receipts are deleted
 
 
 @dataclass
@@ -104,9 +119,12 @@ class _Corrupt(Exception):
 
 @dataclass(slots=True)
 class _Submission:
-    records: list[Record]
+    records: list[Reading | AlarmEvent]
     on_durable: Callable[[], object] | None
     queued_at: float
+    receipts: list[Receipt] = field(default_factory=list)
+    # Callbacks of redeliveries recognised while this was queued: run once it is committed.
+    waiters: list[OnDurable] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -120,7 +138,9 @@ class _Drop:
 
 
 _Delete = tuple[list[int], threading.Event | None]
-_Work = tuple[list[_Submission], list[_Delete]]
+# forget: (receipt, acked at); forget_older: (source, before, keys kept)
+_Forget = tuple[Receipt, float] | tuple[str, float, Collection[str]]
+_Work = tuple[list[_Submission], list[_Delete], list[_Forget]]
 
 
 class Buffer:
@@ -139,6 +159,9 @@ class Buffer:
         self._inserts: deque[_Submission] = deque()
         self._queued = 0
         self._deletes: list[_Delete] = []
+        self._forgets: list[_Forget] = []
+        self._pending: dict[tuple[str, str], _Submission] = {}  # queued receipts by (source, key)
+        self._pruned = 0.0
         self._closing = False  # stop(): the writer ends once the queue is committed
         self._intake_closed = False  # close_intake(): no more records, the queue goes in now
         self._deadline = float("inf")  # when stopping: give up on failing commits after this
@@ -348,10 +371,14 @@ class Buffer:
         ``timeout`` seconds of that, BufferClosed once the buffer is stopping. The records are
         given away: the writer fills gateway_id/seq.
         """
-        sub = _Submission(list(records), on_durable, time.monotonic())
-        for r in sub.records:
-            if not isinstance(r, Reading | AlarmEvent):
-                raise TypeError(f"the buffer stores readings and alarm events, not {r!r}")
+        sub = _Submission([], on_durable, time.monotonic())
+        for r in records:
+            if isinstance(r, Reading | AlarmEvent):
+                sub.records.append(r)
+            elif isinstance(r, Receipt):
+                sub.receipts.append(r)
+            else:
+                raise TypeError(f"the buffer stores readings, alarm events and receipts, not {r!r}")
         deadline = None if timeout is None else sub.queued_at + timeout
         with self._lock:
             while self._queued >= self.config.queue_max and not self._stopping():
@@ -361,6 +388,8 @@ class Buffer:
                 self._has_room.wait(left)
             if self._stopping():
                 raise BufferClosed("buffer is stopping")
+            for receipt in sub.receipts:
+                self._pending[receipt.source, receipt.key] = sub
             self._inserts.append(sub)
             self._queued += len(sub.records)
             self._has_work.notify()
@@ -410,6 +439,51 @@ class Buffer:
         if done is not None and not done.wait(timeout):
             raise TimeoutError(f"delete not committed within {timeout} s")
 
+    # -- receipts ------------------------------------------------------------------------------
+
+    def recall(self, receipt: Receipt, on_durable: OnDurable) -> Recall:
+        """Whether a delivery with ``receipt``'s source and key is committed or queued, and if it
+        is the same one (fingerprint), run ``on_durable`` once it is durable (see stage.Receipts).
+        """
+        key = (receipt.source, receipt.key)
+        with self._lock:
+            sub = self._pending.get(key)
+            if sub is not None:
+                queued = next(r for r in sub.receipts if (r.source, r.key) == key)
+                if queued.fingerprint != receipt.fingerprint:
+                    return Recall.OTHER
+                sub.waiters.append(on_durable)
+                return Recall.SAME
+        # Not queued: committed already (the writer drops _pending entries only after the
+        # commit), or never taken.
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT fingerprint FROM receipts WHERE source = ? AND key = ? AND expires >= ?",
+                (*key, time.time()),
+            ).fetchone()
+        if row is None:
+            return Recall.NEW
+        if bytes(row[0]) != receipt.fingerprint:
+            return Recall.OTHER
+        on_durable()
+        return Recall.SAME
+
+    def forget(self, receipts: Sequence[tuple[Receipt, float]]) -> None:
+        """Drop receipts in the writer's next transaction (see stage.Receipts)."""
+        self._queue_forgets(list(receipts))
+
+    def forget_older(self, source: str, before: float, keep: Collection[str]) -> None:
+        self._queue_forgets([(source, before, frozenset(keep))])
+
+    def _queue_forgets(self, forgets: list[_Forget]) -> None:
+        if not forgets:
+            return
+        with self._lock:
+            if self._closing and self._writer is None:
+                return  # stopped: they expire instead
+            self._forgets.extend(forgets)
+            self._has_work.notify()
+
     def wait_for_rows(self, after_id: int, timeout: float) -> bool:
         """Block until a row with id > ``after_id`` is committed (True) or ``timeout`` passes."""
         with self._lock:
@@ -447,7 +521,7 @@ class Buffer:
                 self._writer_beat.beat()
                 if self._corrupt is not None:
                     self._recover(self._corrupt)
-                if work[0] or work[1]:
+                if any(work):
                     self._write(*work)
                     last_commit = time.monotonic()
                 self._vacuum()
@@ -512,7 +586,7 @@ class Buffer:
         with self._lock:
 
             def ready() -> bool:
-                if self._deletes or self._closing or self._corrupt is not None:
+                if self._deletes or self._forgets or self._closing or self._corrupt is not None:
                     return True
                 return (
                     bool(self._inserts)
@@ -524,7 +598,7 @@ class Buffer:
             wait = min(1.0, max(0.01, backing_off)) if backing_off > 0 else 1.0
             if not self._has_work.wait_for(ready, timeout=wait):
                 self._set_blocked(bool(self._inserts) and time.monotonic() >= self._retry_at)
-                return [], []
+                return [], [], []
         # Group commit: let records gather until commit_interval has passed since the last one;
         # after a failure, until its back-off is over (bounded by the deadline when stopping).
         until = max(last_commit + cfg.commit_interval_ms / 1000, self._retry_at)
@@ -546,12 +620,13 @@ class Buffer:
                 taken += n
             self._set_blocked(bool(self._inserts) and not subs)
             deletes, self._deletes = self._deletes, []
+            forgets, self._forgets = self._forgets, []
             self._queued -= taken
             if taken:
                 self._has_room.notify_all()
-            if self._closing and not (subs or deletes or self._inserts):
+            if self._closing and not (subs or deletes or forgets or self._inserts):
                 return None
-            return subs, deletes
+            return subs, deletes, forgets
 
     def _give_up(self) -> None:  # caller holds _lock
         n = self._queued
@@ -579,24 +654,26 @@ class Buffer:
             log.info("buffer %s has room again", self.path)
         self._blocked = blocked
 
-    def _write(self, subs: list[_Submission], deletes: list[_Delete]) -> None:
+    def _write(
+        self, subs: list[_Submission], deletes: list[_Delete], forgets: list[_Forget]
+    ) -> None:
         """Commit one batch; on failure put it back (nothing acknowledged) and back off."""
         try:
-            self._commit(subs, deletes)
+            self._commit(subs, deletes, forgets)
         except sqlite3.Error as e:
             self._rollback()
             if _is_corrupt(e):
                 self._recover(e)
-                self._requeue(subs, deletes)  # into the new file, at once
+                self._requeue(subs, deletes, forgets)  # into the new file, at once
                 return
             if subs and deletes:  # deletes free room: let them through on their own
                 try:
-                    self._commit([], deletes)
+                    self._commit([], deletes, [])
                     self._durable([], deletes)
                     deletes = []
                 except sqlite3.Error:
                     self._rollback()
-            self._requeue(subs, deletes)
+            self._requeue(subs, deletes, forgets)
             self._failed(e)
             return
         if self._failures:
@@ -626,11 +703,14 @@ class Buffer:
         except sqlite3.Error as e:
             log.warning("buffer %s: rollback failed (%s)", self.path, e)
 
-    def _requeue(self, subs: list[_Submission], deletes: list[_Delete]) -> None:
+    def _requeue(
+        self, subs: list[_Submission], deletes: list[_Delete], forgets: list[_Forget]
+    ) -> None:
         with self._lock:
             self._inserts.extendleft(reversed(subs))
             self._queued += sum(len(sub.records) for sub in subs)
             self._deletes[:0] = deletes
+            self._forgets[:0] = forgets
 
     def _durable(self, subs: list[_Submission], deletes: list[_Delete]) -> None:
         for _, done in deletes:
@@ -639,21 +719,34 @@ class Buffer:
         now = time.monotonic()
         self._last_commit = now
         observe = self.metrics.processing_latency.labels("buffer").observe
+        with self._lock:  # committed: a recall now finds them in the table, not queued
+            for sub in subs:
+                for receipt in sub.receipts:
+                    if self._pending.get((receipt.source, receipt.key)) is sub:
+                        del self._pending[receipt.source, receipt.key]
         for sub in subs:
             observe(now - sub.queued_at)
-            if sub.on_durable is not None:
+            with self._lock:
+                waiters, sub.waiters = sub.waiters, []
+            for callback in [sub.on_durable, *waiters]:
+                if callback is None:
+                    continue
                 try:
-                    sub.on_durable()
+                    callback()
                 except Exception:
                     log.exception("on_durable callback failed")
 
-    def _encode(self, r: Record, seq: int, now: float) -> tuple[int, str, str, str, bytes, float]:
+    def _encode(
+        self, r: Reading | AlarmEvent, seq: int, now: float
+    ) -> tuple[int, str, str, str, bytes, float]:
         r.gateway_id = self.gateway_id
         r.seq = seq
         kind = "alarm" if isinstance(r, AlarmEvent) else "reading"
         return seq, kind, r.plant_id, r.sensor_id, r.to_json(), now
 
-    def _commit(self, subs: list[_Submission], deletes: list[_Delete]) -> None:
+    def _commit(
+        self, subs: list[_Submission], deletes: list[_Delete], forgets: list[_Forget]
+    ) -> None:
         con = self._con
         now = time.time()
         seq = self._seq
@@ -662,11 +755,19 @@ class Buffer:
             for r in sub.records:
                 seq += 1
                 rows.append(self._encode(r, seq, now))
+        receipts = [
+            (r.source, r.key, r.fingerprint, now, now + r.keep_s)
+            for sub in subs
+            for r in sub.receipts
+        ]
         removed: Counter[str] = Counter()
         removed_bytes = 0
         con.execute("BEGIN IMMEDIATE")
         for lo, hi in _ranges(i for batch, _ in deletes for i in batch):
             removed_bytes += self._remove("id BETWEEN ? AND ?", (lo, hi), removed)
+        self._forget(forgets, now)
+        if receipts:
+            con.executemany("INSERT OR REPLACE INTO receipts VALUES (?,?,?,?,?)", receipts)
         drop: _Drop | None = None
         if self.config.overflow == "drop_oldest":
             new_bytes = sum(len(row[4]) + ROW_OVERHEAD for row in rows)
@@ -699,6 +800,31 @@ class Buffer:
             with self._lock:
                 self.last_id = seq
                 self._committed.notify_all()
+
+    def _forget(self, forgets: list[_Forget], now: float) -> None:
+        """Delete receipts as ``forget``/``forget_older`` asked, and the expired ones now and then
+        (inside the writer's transaction)."""
+        con = self._con
+        one = [(f[0].source, f[0].key, f[0].fingerprint, f[1]) for f in forgets if len(f) == 2]
+        if one:
+            con.executemany(
+                "DELETE FROM receipts"
+                " WHERE source = ? AND key = ? AND fingerprint = ? AND committed <= ?",
+                one,
+            )
+        for f in forgets:
+            if len(f) == 3:
+                source, before, keep = f
+                old = con.execute(
+                    "SELECT key FROM receipts WHERE source = ? AND committed < ?", (source, before)
+                ).fetchall()
+                con.executemany(
+                    "DELETE FROM receipts WHERE source = ? AND key = ? AND committed < ?",
+                    [(source, k, before) for (k,) in old if k not in keep],
+                )
+        if now - self._pruned >= PRUNE_INTERVAL_S:
+            self._pruned = now
+            con.execute("DELETE FROM receipts WHERE expires < ?", (now,))
 
     def _remove(self, where: str, params: tuple[Any, ...], removed: Counter[str]) -> int:
         """Delete rows matching ``where``, counting them per plant; returns their bytes."""

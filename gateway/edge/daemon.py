@@ -86,17 +86,26 @@ class GatewayDaemon:
         self.modbus = ModbusEngine(config.modbus, self.intake.sink_for("modbus"), self.metrics)
         self.mqtt = (
             MqttSource(
-                config.mqtt, self.intake.sink_for("mqtt"), self.metrics, self.dead_letters, gw.id
+                config.mqtt,
+                self.intake.sink_for("mqtt"),
+                self.metrics,
+                self.dead_letters,
+                gw.id,
+                receipts=self.buffer,
             )
             if config.mqtt.enabled
             else None
         )
         self.http = HttpServer(config.http, self.metrics)
         self._last_count = (time.monotonic(), 0)
-        ingest = self.intake.sink_for("http")
-        HttpIngest(config.http, ingest, self.metrics, gw.plant_id, self.secrets.http_token).attach(
-            self.http
-        )
+        HttpIngest(
+            config.http,
+            self.intake.sink_for("http"),
+            self.metrics,
+            gw.plant_id,
+            self.secrets.http_token,
+            receipts=self.buffer,
+        ).attach(self.http)
 
     def again(self) -> GatewayDaemon:
         """A new daemon for the same configuration and the same resolved secrets (to start the

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.common.alarms import AlarmEngine
 from gateway.common.metrics import Metrics
-from gateway.common.model import Quality, Reading, Record
+from gateway.common.model import AlarmEvent, Quality, Reading, Record
 from gateway.common.validate import Validator
 from gateway.edge import calibrate
 from gateway.edge.calibrate import CalibrationStore
@@ -111,5 +111,5 @@ class EdgePipeline:
             ).items():
                 self._processed_counter(status, plant).inc(n)
         for rec in out:
-            if not isinstance(rec, Reading) and rec.state in ("raised", "re-raised"):
+            if isinstance(rec, AlarmEvent) and rec.state in ("raised", "re-raised"):
                 m.alerts_triggered.labels(level=rec.level, parameter=rec.parameter).inc()

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.common.alarms import AlarmConfig
-from gateway.common.config import PROCESSOR_SECTIONS, build, check_sections, load_toml
+from gateway.common.config import (
+    PROCESSOR_SECTIONS,
+    build,
+    check_reading_field,
+    check_sections,
+    load_toml,
+)
 from gateway.common.http import HttpConfig
 from gateway.common.validate import ValidationConfig
 from gateway.edge.acquire.modbus.engine import ModbusConfig, load_modbus_config
@@ -33,6 +39,9 @@ class GatewaySection:
     def __post_init__(self) -> None:
         if not self.id:
             self.id = socket.gethostname()
+        check_reading_field("id", "gatewayId", self.id)
+        check_reading_field("plant_id", "plantId", self.plant_id)
+        check_reading_field("location", "location", self.location)
 
 
 @dataclass

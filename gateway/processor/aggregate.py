@@ -30,7 +30,7 @@ watermark (it never runs ahead of the one the windows were closed by).
 A reading re-sent by a gateway (at least once delivery: same ``gatewayId`` and ``seq``, same key,
 so the same partition) is stored once raw by point identity; the window it falls in counts it
 once too. Each open window keeps the identities of its readings, (gatewayId, seq), or (sensorId,
-parameter, timestamp in ms) for producers that send no gatewayId/seq, and drops them when it
+parameter, timestamp in µs) for producers that send no gatewayId/seq, and drops them when it
 closes, so memory follows the open windows only. A replay from the checkpoint re-reads every
 message an open window holds (the committed offset is the lowest one an open window needs), so it
 rebuilds these identities as exactly as the aggregates.
@@ -222,7 +222,7 @@ class _Open:
         self.agg = agg
         self.first_offset = first_offset
         self.seqs: dict[str, set[int]] = {}  # gatewayId -> seqs (ints keep the sets small)
-        self.foreign: set[tuple[str, int]] = set()  # (sensorId, ms); parameter is the window's
+        self.foreign: set[tuple[str, int]] = set()  # (sensorId, µs); parameter is the window's
 
     def first_time(self, r: Reading) -> bool:
         """Whether ``r`` is new to this window (and remember it)."""
@@ -236,7 +236,7 @@ class _Open:
                 return False
             seen.add(seq)
             return True
-        key = (r.sensor_id, round(r.timestamp * 1000))
+        key = (r.sensor_id, round(r.timestamp * 1_000_000))
         if key in self.foreign:
             return False
         self.foreign.add(key)

@@ -2,8 +2,9 @@
 
 Both directions mean the same as ``common/model.py`` (``reading_from_dict``, ``Reading.to_dict``);
 they are only faster for the shape our gateway sends: orjson, and RFC 3339 timestamps in the
-canonical ``YYYY-MM-DDTHH:MM:SS.fffZ`` form parsed from a per-minute cache and passed through to
-the validated copy instead of being formatted again. Anything else (other timestamp forms, wrong
+canonical forms ``format_ts`` writes (``YYYY-MM-DDTHH:MM:SS.fffZ``, or ``.ffffffZ`` when the time
+has microseconds) parsed from a per-minute cache and passed through to the validated copy instead
+of being formatted again. Anything else (other timestamp forms, wrong
 types, NaN literals, UTF-16, huge integers) takes the model's own path, so every result, rejection
 reasons included, is the one the model gives. tests/unit/test_codec.py holds the two in step.
 """
@@ -23,12 +24,13 @@ from gateway.common.model import (
     Quality,
     Reading,
     Rejection,
+    check_identity,
     format_ts,
     reading_from_dict,
 )
 
 _MINUTE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:", re.ASCII)
-_MINUTES: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM:" -> epoch milliseconds
+_MINUTES: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM:" -> epoch seconds
 _MAX_MINUTES = 10_000
 _QUALITY = {q.value: q for q in Quality}
 
@@ -36,25 +38,30 @@ _QUALITY = {q.value: q for q in Quality}
 def canonical_ts(text: str) -> float | None:
     """Epoch seconds of a canonical timestamp, exactly as ``parse_ts`` gives them; None if the
     text is in any other form."""
-    if len(text) != 24 or text[23] != "Z" or text[19] != ".":
+    n = len(text)
+    if (n != 24 and n != 27) or text[-1] != "Z" or text[19] != ".":
         return None
+    if n == 27 and text[23:26] == "000":
+        return None  # format_ts writes this time with three digits
     minute = text[:17]
     base = _MINUTES.get(minute)
     if base is None:
         if _MINUTE.fullmatch(minute) is None:
             return None
         try:
-            base = round(datetime.fromisoformat(minute + "00+00:00").timestamp()) * 1000
+            base = round(datetime.fromisoformat(minute + "00+00:00").timestamp())
         except ValueError:
             return None
         if len(_MINUTES) >= _MAX_MINUTES:
             _MINUTES.clear()
         _MINUTES[minute] = base
-    millis = text[17:19] + text[20:23]
-    if not (millis.isascii() and millis.isdigit()) or millis >= "60000":
+    digits = text[17:19] + text[20:-1]  # seconds and fraction: 5 or 8 digits
+    if not (digits.isascii() and digits.isdigit()) or digits[:2] >= "60":
         return None
-    # An int over an int is correctly rounded, like datetime.timestamp()'s microseconds / 10**6.
-    return (base + int(millis)) / 1000
+    # An int over an int is correctly rounded, like datetime.timestamp()'s microseconds / 10**6
+    # (milliseconds over 10**3 are the same rational number, so the same float).
+    scale = 1000 if n == 24 else 1_000_000
+    return (base * scale + int(digits)) / scale
 
 
 def decode(payload: bytes | None, plant_id: str) -> Reading | Rejection:
@@ -101,13 +108,12 @@ def _fast(d: dict[str, object], plant_id: str) -> tuple[Reading, str] | None:
     reasons, seq = d.get("qualityReasons", []), d.get("seq")
     if not (
         type(sensor) is str
-        and 0 < len(sensor) <= 256
+        and sensor
         and type(parameter) is str
-        and 0 < len(parameter) <= 256
+        and parameter
         and type(plant) is str
-        and 0 < len(plant) <= 256
+        and plant
         and type(unit) is str
-        and len(unit) <= 32
         and type(quality) is str
         and quality in _QUALITY
         and type(reasons) is list
@@ -117,6 +123,10 @@ def _fast(d: dict[str, object], plant_id: str) -> tuple[Reading, str] | None:
     if reasons and not all(type(x) is str for x in reasons):
         return None
     location, gateway = d.get("location"), d.get("gatewayId")
+    location = location if type(location) is str else ""
+    gateway = gateway if type(gateway) is str else ""
+    if check_identity(sensor, parameter, plant, unit, location, gateway) is not None:
+        return None
     return Reading(
         sensor,
         parameter,
@@ -124,10 +134,10 @@ def _fast(d: dict[str, object], plant_id: str) -> tuple[Reading, str] | None:
         unit,
         ts,
         plant,
-        location if type(location) is str else "",
+        location,
         _QUALITY[quality],
         reasons,
-        gateway if type(gateway) is str else "",
+        gateway,
         seq,
     ), ts_text
 

@@ -353,10 +353,16 @@ class Queries:
                 float(r["min"]),
                 float(r["max"]),
                 float(r["latest"]),
-                int(r["latest_time"]) / 1000,
+                _latest_time(int(r["latest_time"])),
                 str(r.get("latest_sensor", "")),
                 str(r.get("unit", "")),
                 str(r.get("source", "")),
             )
             parts.setdefault((w.parameter, start_s), []).append(w)
         return [merge(p) for _, p in sorted(parts.items())]
+
+
+def _latest_time(stored: int) -> float:
+    """Epoch seconds of a window's ``latest_time``: microseconds, or milliseconds in windows
+    written before the processor kept microseconds (a value below 10**14 µs would be in 1973)."""
+    return stored / 1_000_000 if stored >= 10**14 else stored / 1000

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.common.alarms import AlarmConfig
-from gateway.common.config import ConfigError, build, check_sections, load_toml
+from gateway.common.config import SECRET, ConfigError, build, check_sections, load_toml
 from gateway.common.kafka import KafkaConnection
 from gateway.common.validate import ValidationConfig
 from gateway.processor.predict import MlConfig
@@ -46,7 +46,8 @@ class ProcessorConfig(KafkaConnection):
     metadata_refresh_ms: int = 30_000  # how soon a new plant topic is picked up
     http_host: str = "127.0.0.1"
     http_port: int = 9181  # /metrics, /health, the live feed and the dashboard; 0 disables
-    http_token: str = ""  # bearer token for /ws and /api/* (env:NAME or file:/path); "" = open
+    # bearer token for /ws and /api/* (env:NAME, file:/path or cred:NAME); "" = open
+    http_token: str = field(default="", metadata=SECRET)
     live_follow: bool = True  # the live feed follows every instance's alerts and windows topics
 
     def __post_init__(self) -> None:

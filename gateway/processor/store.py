@@ -28,14 +28,14 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
-from gateway.common.config import secret
+from gateway.common.config import SECRET, secret
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Prediction, Reading
 from gateway.processor.aggregate import WindowAggregate
@@ -53,7 +53,7 @@ class InfluxConfig:
 
     url: str = "http://127.0.0.1:8086"
     org: str = "plant-ops"
-    token: str = "env:INFLUXDB_TOKEN"
+    token: str = field(default="env:INFLUXDB_TOKEN", metadata=SECRET)
     bucket: str = "sensors"
     bucket_1m: str = "sensors_1m"
     bucket_1h: str = "sensors_1h"
@@ -122,8 +122,10 @@ def _float(v: float) -> str:
     return repr(float(v))
 
 
-def ms(ts: float) -> int:
-    return round(ts * 1000)
+def us(ts: float) -> int:
+    """Epoch microseconds, the precision of every point and of ``latest_time``: a float of epoch
+    seconds holds the microsecond exactly enough for this to be the one format_ts writes."""
+    return round(ts * 1_000_000)
 
 
 _HEADS: dict[tuple[str, str, str, str, str, str], str] = {}
@@ -143,7 +145,7 @@ def _head(
 
 
 def reading_line(r: Reading) -> str:
-    """One raw reading; timestamp in milliseconds (the wire format's precision)."""
+    """One raw reading; timestamp in microseconds (the wire format's precision)."""
     # Series key plus the quality and unit fields repeat for every reading of a sensor: cached.
     key = (r.location, r.parameter, r.plant_id, r.sensor_id, r.quality.value, r.unit)
     line = _HEADS.get(key)
@@ -157,7 +159,7 @@ def reading_line(r: Reading) -> str:
     # Always written, empty when there are none: InfluxDB keeps the fields a rewrite leaves out,
     # so a replay that clears a flag must say so.
     reasons = _str_field(",".join(r.quality_reasons)) if r.quality_reasons else '""'
-    return f"{line},reasons={reasons} {round(r.timestamp * 1000)}"
+    return f"{line},reasons={reasons} {us(r.timestamp)}"
 
 
 def alarm_line(e: AlarmEvent) -> str:
@@ -180,22 +182,22 @@ def alarm_line(e: AlarmEvent) -> str:
         fields.append(f"value={_float(e.value)}")
     if e.threshold is not None:
         fields.append(f"threshold={_float(e.threshold)}")
-    return f"{ALERTS_MEASUREMENT}{tags} {','.join(fields)} {ms(e.timestamp)}"
+    return f"{ALERTS_MEASUREMENT}{tags} {','.join(fields)} {us(e.timestamp)}"
 
 
 def window_line(w: WindowAggregate) -> str:
-    """One partial window, timestamped at the window start (milliseconds)."""
+    """One partial window, timestamped at the window start; ``latest_time`` in microseconds."""
     tags = _tags((("parameter", w.parameter), ("plant_id", w.plant_id), ("source", w.source)))
     fields = (
         f"count={w.count}i,sum={_float(w.sum)},min={_float(w.min)},max={_float(w.max)},"
-        f"avg={_float(w.avg)},latest={_float(w.latest)},latest_time={ms(w.latest_time)}i,"
+        f"avg={_float(w.avg)},latest={_float(w.latest)},latest_time={us(w.latest_time)}i,"
         f"latest_sensor={_str_field(w.latest_sensor)},unit={_str_field(w.unit)}"
     )
-    return f"{MEASUREMENT}{tags} {fields} {w.start * 1000}"
+    return f"{MEASUREMENT}{tags} {fields} {w.start * 1_000_000}"
 
 
 def prediction_line(p: Prediction) -> str:
-    """One prediction, timestamped at its newest input reading (milliseconds): the inputs as
+    """One prediction, timestamped at its newest input reading (microseconds): the inputs as
     ``<name>=<value>`` fields, ``effluent_<parameter>`` where the model gave its estimate, and
     ``defaulted`` naming the inputs that took the design's default."""
     tags = _tags((("model", p.model), ("plant_id", p.plant_id)))
@@ -208,7 +210,7 @@ def prediction_line(p: Prediction) -> str:
     ]
     if p.defaulted:
         fields.append(f"defaulted={_str_field(','.join(p.defaulted))}")
-    return f"{PREDICTIONS_MEASUREMENT}{tags} {','.join(fields)} {ms(p.timestamp)}"
+    return f"{PREDICTIONS_MEASUREMENT}{tags} {','.join(fields)} {us(p.timestamp)}"
 
 
 # --- writer -------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ class InfluxStore:
                 org=self.config.org,
                 bucket=bucket,
                 body=gzip.compress("\n".join(lines).encode(), compresslevel=1),
-                precision=WritePrecision.MS,
+                precision=WritePrecision.US,
                 content_encoding="gzip",
                 content_type="text/plain; charset=utf-8",
             )

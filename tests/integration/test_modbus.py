@@ -298,3 +298,28 @@ def test_a_missing_serial_port_gives_flagged_readings_not_a_crash(tmp_path: Path
         assert engine.devices()[f"modbus {port} unit 1"]["status"] == "unhealthy"
     assert all(r.value is None and r.quality_reasons == ["port"] for b in sink.batches for r in b)
     assert _metric(metrics, "iot_modbus_errors_total", port=port, unit="1", kind="port") >= 2
+
+
+def test_after_a_crc_error_the_line_is_drained_until_silent_before_the_retry(
+    pty_pair: Any,
+) -> None:
+    """A garbled answer followed by a burst of line noise (about 0.4 s at 9600 baud): the retry
+    must wait for the silence after it, or it reads the noise as its answer and fails too."""
+    slave = SimSlave(
+        load_profile(DRIVERS / "ph-int16.toml"), 1, fault="corrupt_crc", noise_bytes=400,
+        fault_answers=1,
+    )  # fmt: skip
+    probe = {"profile": "ph-int16.toml", "sensor_id": "PH-1", "interval": 0.2}
+    port = {"port": pty_pair.a, "timeout": 0.5, "retries": 1, "inter_frame_gap": 0.05,
+            "backoff_max": 0.5, "slaves": [probe]}  # fmt: skip
+    cfg = load_modbus_config({"serial": [port]}, source=DRIVERS / "config.toml")
+    sink, metrics = RecordingSink(), Metrics()
+    with RtuSimulator(pty_pair.b, SimBus([slave])), ModbusEngine(cfg, sink, metrics):
+        sink.wait_for(_count("PH-1", 1))
+    first = sink.of("PH-1")[0]
+    assert [r.quality_reasons for r in first if r.value is None] == []
+    errors = {
+        kind: _metric(metrics, "iot_modbus_errors_total", port=pty_pair.a, unit="1", kind=kind)
+        for kind in ("crc", "malformed", "timeout")
+    }
+    assert errors == {"crc": 1.0, "malformed": 0.0, "timeout": 0.0}

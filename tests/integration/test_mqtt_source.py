@@ -286,3 +286,35 @@ def test_a_dropped_connection_is_re_established_and_readings_keep_arriving(h):
     wait_until(lambda: len(sink.values()) == 2, 20, "the reading after reconnect")
     assert [r.sensor_id for r in sink.readings] == ["before", "after"]
     assert h.sample("iot_active_connections") == 1
+
+
+def test_fields_too_long_or_with_control_characters_are_dead_lettered_with_the_reason(h):
+    sink = RecordingSink()
+    h.start(sink)
+    h.publisher()
+    good = json.loads(reading_json("ph-ok", 7.0))
+    bad = [
+        # a newline in a tag would be escaped to a bare space in line protocol and lose the point
+        ({**good, "sensorId": "ph\n1"}, "bad_characters", "sensorId"),
+        ({**good, "location": "inlet\nchannel 2"}, "bad_characters", "location"),
+        ({**good, "location": "x" * 1000}, "field_too_long", "location"),
+    ]
+    h.publish([(f"{h.prefix}/json/x", json.dumps(d).encode()) for d, _, _ in bad])
+    # Topic levels become fields too; Mosquitto refuses control characters in topics itself.
+    h.publish(
+        [
+            (f"{h.prefix}/num/north/{'s' * 129}/BOD", b"1"),
+            (f"{h.prefix}/num/north/bod 3/BOD", b"2"),
+            (f"{h.prefix}/num/north/marker/BOD", b"3"),
+        ]
+    )
+    wait_until(lambda: h.dead.count() == 5, 20, "five dead letters")
+    wait_until(lambda: len(sink.values()) == 1, 20, "the marker")
+    assert [r.sensor_id for r in sink.readings] == ["marker"]
+    rows = sorted(h.dead.list(10), key=lambda r: r.id)
+    assert [(r.reason, r.detail.split(":")[0]) for r in rows] == [
+        *((reason, field) for _, reason, field in bad),
+        ("field_too_long", "sensorId"),
+        ("bad_characters", "sensorId"),
+    ]
+    assert h.rejected("bad_characters") == 3 and h.rejected("field_too_long") == 2

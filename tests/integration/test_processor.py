@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import threading
 import time
 import uuid
@@ -135,6 +136,31 @@ def test_two_instances_with_one_sigkilled_mid_run_give_the_same_aggregates(
         proc.stop_all()
         proc.delete_topics()
     assert first.returncode == -9
+
+
+def test_readings_within_one_millisecond_stay_distinct_and_a_replay_still_stores_once(
+    servers, influx, tmp_path
+):
+    """2,000 messages whose readings come in pairs of one sensor within one millisecond, some
+    sent twice: every reading is one point (microseconds kept on the wire and in InfluxDB), a
+    re-sent one is still stored and counted once, with and without gatewayId/seq."""
+    client, cfg = influx
+    data = make_dataset(total=2000, minutes=2, seed=3, twins=True)
+    twins = {(r.plant_id, r.sensor_id, math.floor(r.timestamp * 1000)) for r in data.readings}
+    assert len(twins) == len(data.readings) // 2  # the data has what the test is about
+    proc = Processor(data, servers, servers, tmp_path)
+    try:
+        produce(servers, data, resend_every=7)
+        proc.start()
+        wait_until_done(client, cfg, data, proc)
+        points = raw_points(client, cfg, data)
+        assert len(points) == data.stored_expected
+        stored = {(p["plant_id"], p["sensor_id"], p["_time"].timestamp()) for p in points}
+        assert {(r.plant_id, r.sensor_id, r.timestamp) for r in data.readings} <= stored
+        assert_windows_match_raw(client, cfg, data)
+    finally:
+        proc.stop_all()
+        proc.delete_topics()
 
 
 def test_setup_influx_twice_leaves_four_buckets_and_two_tasks(servers, influx, tmp_path):

@@ -47,10 +47,10 @@ def make_server(
 ) -> HttpServer:
     """The gateway's HTTP server with ingest through the one sink into a real buffer."""
     monkeypatch.setenv("GATEWAY_TEST_TOKEN", TOKEN)
-    config = HttpConfig(port=0, token=token, max_body_bytes=4096, **kw)
+    config = HttpConfig(**{"port": 0, "token": token, "max_body_bytes": 4096, **kw})
     server = HttpServer(config, buffer.metrics)
     sink = Intake(buffer.submit, buffer.metrics, process).sink_for("http")
-    HttpIngest(config, sink, buffer.metrics, plant_id="default").attach(server)
+    HttpIngest(config, sink, buffer.metrics, plant_id="default", receipts=buffer).attach(server)
     server.start()
     return server
 
@@ -135,6 +135,34 @@ def test_invalid_items_are_refused_with_reasons_per_index_and_nothing_stored(ser
     assert status == 400
 
 
+def test_fields_too_long_or_with_control_characters_are_refused_by_index_and_field(
+    buffer, monkeypatch
+):
+    # The reported case: a 1 MB location fits the default 1 MiB body limit; it was answered 202
+    # and Kafka then refused the row for ever. A newline in a tag would lose the point in InfluxDB.
+    srv = make_server(buffer, monkeypatch, max_body_bytes=1_048_576)
+    body = [
+        GOOD,
+        {**GOOD, "location": "x" * 1_000_000},
+        {**GOOD, "sensorId": "ph\n1"},
+        {**GOOD, "location": "inlet\nchannel 2"},
+    ]
+    try:
+        status, doc, _ = request(srv, "POST", "/api/readings", body)
+        one_status, one_doc, _ = request(srv, "POST", "/api/readings", body[2])
+    finally:
+        srv.stop()
+    assert status == 400, doc
+    assert [(e["index"], e["field"], e["reason"]) for e in doc["invalid"]] == [
+        (1, "location", "field_too_long"),
+        (2, "sensorId", "bad_characters"),
+        (3, "location", "bad_characters"),
+    ]
+    assert "at most 256" in doc["invalid"][0]["detail"]
+    assert one_status == 400 and one_doc["invalid"][0]["field"] == "sensorId"
+    assert buffer.fetch(10) == []
+
+
 def test_a_body_above_the_limit_is_refused_unread(server, buffer):
     big = [{**GOOD, "location": "x" * 100} for _ in range(40)]  # > 4096 bytes
     status, doc, headers = request(server, "POST", "/api/readings", big)
@@ -164,6 +192,31 @@ def test_a_full_buffer_answers_503_instead_of_hanging(server, buffer):
     buffer.submit_wait([Reading("ph-1", "pH", 7.0, "pH", 1.79e9) for _ in range(50)], 10)
     status, doc, headers = request(server, "POST", "/api/readings", GOOD)
     assert status == 503 and headers["Retry-After"] and "retry" in doc["error"]
+
+
+def test_a_retry_after_a_503_is_stored_once_when_the_reading_carries_the_devices_seq(
+    server, buffer
+):
+    """A 503 means "not committed yet", not "not stored": the reading stays queued and may be
+    committed later. The device retries; its own id and seq make the retry recognisable."""
+    filler = [Reading("fill", "pH", 7.0, "pH", 1.79e9 + i) for i in range(50)]
+    buffer.submit_wait(filler, 10)  # the buffer is full (max_rows 50): commits wait for room
+    item = {**GOOD, "gatewayId": "dev-7", "seq": 41}
+    other = {**GOOD, "gatewayId": "dev-7", "seq": 42, "value": 7.3}
+    no_seq = {**GOOD, "value": 6.5}  # nothing to recognise a retry by: stored each time
+
+    assert request(server, "POST", "/api/readings", [item, no_seq])[0] == 503
+    assert request(server, "POST", "/api/readings", [item, no_seq])[0] == 503  # retried too soon
+    buffer.delete([r.id for r in all_rows(buffer) if r.key == "fill"], wait=True)
+    status, doc, _ = request(server, "POST", "/api/readings", [item, other])  # the next retry
+    assert status == 202 and doc["accepted"] == 2
+
+    rows = [json.loads(r.payload) for r in all_rows(buffer)]
+    assert sorted(r["value"] for r in rows) == [6.5, 6.5, 7.2, 7.3]
+
+
+def all_rows(buffer: Buffer) -> list[Any]:
+    return buffer.fetch(1000)
 
 
 def test_health_is_200_only_when_every_check_is_healthy(server):

@@ -86,23 +86,35 @@ class Dataset:
         return self.readings[0].timestamp
 
 
-def make_dataset(total: int = 10_000, plants: int = 3, minutes: int = 10, seed: int = 1) -> Dataset:
+def make_dataset(
+    total: int = 10_000, plants: int = 3, minutes: int = 10, seed: int = 1, *, twins: bool = False
+) -> Dataset:
+    """``total`` messages over ``minutes`` of event time; with ``twins``, readings come in pairs
+    of one sensor within one millisecond (microsecond times), e.g. a fast probe's burst."""
     run = uuid.uuid4().hex[:8]
     names = [f"p{run}-{chr(ord('a') + k)}" for k in range(plants)]
     rnd = random.Random(seed)
     base = window_start(time.time()) - 40 * 60  # a fixed past range, well inside retention
     span = minutes * 60.0
-    readings = []
+    readings: list[Reading] = []
     used: set[tuple[str, str, float]] = set()
     n = total - 2  # two odd payloads complete the total
     for i in range(n):
-        plant = names[i % plants]
-        sensor, parameter, unit = SENSORS[(i // plants) % len(SENSORS)]
-        # Out of order by up to 4 s (within the 10 s grace): replays must cope with readings of
-        # a closed window that follow the first reading of the next one.
-        ts = base + round(i * span / n + rnd.uniform(-4, 4), 3)
+        k = i // 2 if twins else i  # a twin has its partner's plant and sensor
+        plant = names[k % plants]
+        sensor, parameter, unit = SENSORS[(k // plants) % len(SENSORS)]
+        if twins and i % 2:
+            # The same millisecond as its partner (whose microseconds are 0..99), a later
+            # microsecond.
+            ts = (round(readings[-1].timestamp * 10**6) + rnd.randint(1, 899)) / 10**6
+        else:
+            # Out of order by up to 4 s (within the 10 s grace): replays must cope with readings
+            # of a closed window that follow the first reading of the next one.
+            ts = base + round(i * span / n + rnd.uniform(-4, 4), 3)
+            if twins:
+                ts = (round(ts * 1000) * 1000 + rnd.randint(0, 99)) / 10**6
         while (plant, sensor, ts) in used:  # two readings of a sensor never share a timestamp
-            ts = round(ts + 0.001, 3)
+            ts = round(ts + 0.001, 6)
         used.add((plant, sensor, ts))
         readings.append(
             Reading(
@@ -119,8 +131,8 @@ def make_dataset(total: int = 10_000, plants: int = 3, minutes: int = 10, seed: 
                 seq=None if plant == names[-1] else i,
             )
         )
-    assert readings[123].parameter == "pH"
-    readings[123].value = 15.5  # out of range: stored as bad, kept out of the windows
+    out_of_range = next(r for r in readings[123:] if r.parameter == "pH")
+    out_of_range.value = 15.5  # out of range: stored as bad, kept out of the windows
     odd_ts = format_ts(base + span / 2)
     string_value = {
         "sensorId": "ph-1",

@@ -2,13 +2,22 @@
 
 Devices push one reading or an array; the body is parsed, and valid readings go to the one sink.
 The answer is 202 only once they are committed to the buffer, so a device that got 202 may forget
-them; 400 names every invalid reading (none is stored then), 503 says retry later.
+them; 400 names every invalid reading and its field (none is stored then), 503 says retry later.
+
+A 503 does not mean "not stored": the readings stay queued and may be committed after the answer.
+A reading that carries the device's own ``seq`` is committed with a receipt keyed by plant,
+``gatewayId`` (the device's id, if it sends one), sensor, parameter and seq, so a retry within
+``RETRY_WINDOW_S`` is recognised and not stored again (also while the first copy still waits in
+the queue: the answer then waits for it). A reading without ``seq`` is stored each time it comes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,13 +25,14 @@ from gateway.common.config import secret
 from gateway.common.http import Answer, HttpConfig, HttpServer, Route
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
-from gateway.common.model import Reading, Record, Rejection, reading_from_dict
-from gateway.common.stage import Sink, SinkClosed, submit_and_wait
+from gateway.common.model import Reading, Receipt, Record, Rejection, reading_from_dict
+from gateway.common.stage import Recall, Receipts, Sink, SinkClosed, submit_and_wait
 
 log = logging.getLogger(__name__)
 
 SOURCE = "http"
 PATH = "/api/readings"
+RETRY_WINDOW_S = 3600.0  # how long a device's (id, seq) is remembered to recognise its retries
 
 
 class HttpIngest:
@@ -33,9 +43,12 @@ class HttpIngest:
         metrics: Metrics,
         plant_id: str,
         token: str | None = None,
+        *,
+        receipts: Receipts | None = None,
     ) -> None:
         """``token``: the bearer token already resolved; by default from ``config.token``."""
         self.config = config
+        self._receipts = receipts  # None: every reading is stored each time it comes
         self._sink = sink
         self._metrics = metrics
         self.plant_id = plant_id
@@ -64,16 +77,62 @@ class HttpIngest:
             for error in errors:
                 self._rejected(error["reason"])
             return 400, {"error": "invalid readings; none were stored", "invalid": errors}
-        records: list[Record] = [*readings]
+        records, earlier = self._new(items, readings)
+        deadline = time.monotonic() + self.config.commit_timeout_s
         try:
-            submit_and_wait(self._sink, records, self.config.commit_timeout_s)
+            if records:
+                submit_and_wait(self._sink, records, self.config.commit_timeout_s)
+            for done in earlier:
+                if not done.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError("an earlier copy of a reading is not committed yet")
         except (TimeoutError, SinkClosed) as e:
             return 503, {"error": f"buffer cannot take readings now ({e}); retry later"}
-        return 202, {"accepted": len(readings)}
+        answer: dict[str, Any] = {"accepted": len(readings)}
+        if earlier:
+            answer["duplicates"] = len(earlier)
+            self._metrics.redeliveries.labels(SOURCE).inc(len(earlier))
+        return 202, answer
+
+    def _new(
+        self, items: Sequence[Any], readings: list[Reading]
+    ) -> tuple[list[Record], list[threading.Event]]:
+        """The records to submit (new readings, with their receipts), and for each reading that
+        is a retry of one committed or queued already, an event set once that one is durable."""
+        if self._receipts is None:
+            return [*readings], []
+        records: list[Record] = []
+        earlier: list[threading.Event] = []
+        taken: dict[str, bytes] = {}  # receipts of this request: the same reading twice in it
+        for item, r in zip(items, readings, strict=True):
+            receipt = _receipt(item, r)
+            if receipt is None:
+                records.append(r)
+                continue
+            done = threading.Event()
+            if taken.get(receipt.key) == receipt.fingerprint:
+                done.set()
+                earlier.append(done)
+                continue
+            if self._receipts.recall(receipt, done.set) is Recall.SAME:
+                earlier.append(done)
+                continue
+            taken[receipt.key] = receipt.fingerprint
+            records += [r, receipt]
+        return records, earlier
 
     def _rejected(self, reason: str) -> None:
         self._metrics.rejected_payloads.labels(SOURCE, reason).inc()
         self._reject_log.warning(reason, "HTTP ingest rejected a reading: %s", reason)
+
+
+def _receipt(item: dict[str, Any], r: Reading) -> Receipt | None:
+    """The receipt of a reading that carries its device's seq (None without one); read before
+    the buffer gives the reading our own gatewayId and seq."""
+    if r.seq is None:
+        return None
+    key = "\x1f".join((r.plant_id, r.gateway_id, r.sensor_id, r.parameter, str(r.seq)))
+    content = json.dumps(item, sort_keys=True, separators=(",", ":")).encode()
+    return Receipt(SOURCE, key, hashlib.blake2b(content, digest_size=16).digest(), RETRY_WINDOW_S)
 
 
 def _parse(items: Sequence[Any], plant_id: str) -> tuple[list[Reading], list[dict[str, Any]]]:
@@ -82,7 +141,10 @@ def _parse(items: Sequence[Any], plant_id: str) -> tuple[list[Reading], list[dic
     for i, item in enumerate(items):
         result = reading_from_dict(item, plant_id=plant_id)
         if isinstance(result, Rejection):
-            errors.append({"index": i, "reason": result.reason, "detail": result.detail})
+            error = {"index": i, "reason": result.reason, "detail": result.detail}
+            if result.field:
+                error["field"] = result.field
+            errors.append(error)
         else:
             readings.append(result)
     return readings, errors

@@ -146,3 +146,14 @@ def test_secrets_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
     assert secret(f"file:{f}", source="c.toml", key="kafka.password") == "from-file"
     with pytest.raises(ConfigError, match=r"kafka\.password: environment variable NOPE is not set"):
         secret("env:NOPE", source="c.toml", key="kafka.password")
+
+
+def test_a_secret_may_be_a_systemd_credential(monkeypatch, tmp_path):
+    (tmp_path / "kafka-password").write_text("from-systemd\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert secret("cred:kafka-password", source="c.toml", key="kafka.password") == "from-systemd"
+    with pytest.raises(ConfigError, match=r"kafka\.password: .*credential nope"):
+        secret("cred:nope", source="c.toml", key="kafka.password")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        secret("cred:kafka-password", source="c.toml", key="kafka.password")

@@ -85,6 +85,22 @@ def test_timestamps_are_utc_with_milliseconds():
     assert format_ts(parse_ts("2026-11-28T07:00:00.5+01:00")) == "2026-11-28T06:00:00.500Z"
 
 
+def test_timestamps_keep_the_sources_microseconds():
+    # Two readings of one sensor within one millisecond are two readings: cutting their times to
+    # milliseconds on the wire would make them one point in InfluxDB.
+    assert format_ts(parse_ts("2026-11-28T06:00:00.123456Z")) == "2026-11-28T06:00:00.123456Z"
+    assert format_ts(parse_ts("2026-11-28T06:00:00.000001Z")) == "2026-11-28T06:00:00.000001Z"
+    assert format_ts(parse_ts("2026-11-28T06:00:00.1234567Z")) == "2026-11-28T06:00:00.123456Z"
+
+
+@given(st.integers(0, 4_102_444_800 * 10**6))
+def test_every_microsecond_survives_the_wire(us):
+    text = format_ts(us / 10**6)
+    assert round(parse_ts(text) * 10**6) == us
+    assert format_ts(parse_ts(text)) == text
+    assert len(text) == (24 if us % 1000 == 0 else 27)  # milliseconds when they suffice
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
@@ -115,3 +131,52 @@ def test_alarm_event_round_trips_through_the_wire_json():
     assert (fault.value, fault.threshold, fault.seq) == (None, None, None)
     with pytest.raises(KeyError):
         AlarmEvent.from_dict({"alarmId": "a1"})
+
+
+# Identity fields are bounded and printable at intake (see README "Reading fields"): a field
+# InfluxDB or Kafka cannot carry must be refused with a reason, never accepted and lost later.
+@pytest.mark.parametrize(
+    ("change", "reason", "field"),
+    [
+        ({"location": "x" * 1_000_000}, "field_too_long", "location"),
+        ({"location": "x" * 257}, "field_too_long", "location"),
+        ({"location": "inlet\nchannel 2"}, "bad_characters", "location"),
+        ({"location": "inlet\tleft"}, "bad_characters", "location"),
+        ({"location": "inlet\\"}, "bad_characters", "location"),
+        ({"sensorId": "ph\n1"}, "bad_characters", "sensorId"),
+        ({"sensorId": "ph 1"}, "bad_characters", "sensorId"),
+        ({"sensorId": "ph\x001"}, "bad_characters", "sensorId"),
+        ({"sensorId": "ph\u200b1"}, "bad_characters", "sensorId"),  # zero-width space
+        ({"sensorId": "s" * 129}, "field_too_long", "sensorId"),
+        ({"plantId": "north\n"}, "bad_characters", "plantId"),
+        ({"plantId": "north works"}, "bad_characters", "plantId"),  # it names a Kafka topic
+        ({"plantId": "p" * 129}, "field_too_long", "plantId"),
+        ({"parameter": "p\rH"}, "bad_characters", "parameter"),
+        ({"parameter": "p" * 129}, "field_too_long", "parameter"),
+        ({"unit": "mg/L\n"}, "bad_characters", "unit"),
+        ({"unit": "u" * 33}, "field_too_long", "unit"),
+        ({"gatewayId": "gw\n1"}, "bad_characters", "gatewayId"),
+        ({"gatewayId": "g" * 129}, "field_too_long", "gatewayId"),
+    ],
+)
+def test_identity_fields_are_bounded_and_printable(change, reason, field):
+    r = reading_from_dict({**GOOD, **change})
+    assert isinstance(r, Rejection), r
+    assert (r.reason, r.field) == (reason, field)
+    assert r.detail.startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"location": "x" * 256},
+        {"location": "Zulauf Süd, Becken 2 (links)"},
+        {"sensorId": "s" * 128, "parameter": "p" * 128, "plantId": "p" * 128},
+        {"sensorId": "gateway:gw-1/ph#2@inlet", "plantId": "north_works.2-a"},
+        {"unit": "µS/cm"},
+        {"unit": "m³/h"},
+        {"gatewayId": "g" * 128},
+    ],
+)
+def test_fields_within_the_limits_are_accepted(change):
+    assert isinstance(reading_from_dict({**GOOD, **change}), Reading)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway.common.metrics import Metrics
-from gateway.common.model import AlarmEvent, Reading
+from gateway.common.model import AlarmEvent, Reading, Receipt
+from gateway.common.stage import Recall
 from gateway.edge.buffer import Buffer, BufferConfig
 
 
@@ -237,7 +238,7 @@ def test_a_file_that_is_not_a_database_is_moved_aside(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
-    ("first_page", "salvageable"), [(3, 0), (40, 1800)], ids=["table-root", "leaf-pages"]
+    ("first_page", "salvageable"), [(0, 0), (40, 1800)], ids=["table-root", "leaf-pages"]
 )
 def test_a_damaged_database_is_moved_aside_and_what_reads_is_salvaged(
     tmp_path, caplog, first_page, salvageable
@@ -247,6 +248,13 @@ def test_a_damaged_database_is_moved_aside_and_what_reads_is_salvaged(
     before = {r.id: r.payload for r in all_rows(buf)}
     buf.stop()
     path = tmp_path / "buffer.db"
+    if first_page == 0:  # the records table's root page, wherever the schema put it
+        with sqlite3.connect(path) as con:
+            (root,) = con.execute(
+                "SELECT rootpage FROM sqlite_master WHERE name = 'records'"
+            ).fetchone()
+        con.close()
+        first_page = root - 1  # 0-based
     data = bytearray(path.read_bytes())
     page = 4096
     data[page * first_page : page * (first_page + 3)] = b"\xa5" * (page * 3)  # b-tree pages
@@ -291,3 +299,84 @@ def test_size_metrics_follow_the_rows(tmp_path):
     assert age is not None and before - oldest <= age <= after - oldest
     assert buf.health()[0]
     buf.stop()
+
+
+# -- receipts: what lets a source recognise a redelivery ----------------------------------------
+
+
+def receipt(key: str, fingerprint: bytes = b"fp-1", keep_s: float = 600.0) -> Receipt:
+    return Receipt("mqtt:test", key, fingerprint, keep_s)
+
+
+def test_a_receipt_is_committed_with_its_records_and_recalled_after_a_restart(tmp_path):
+    buf = open_buffer(tmp_path)
+    calls: list[str] = []
+    assert buf.recall(receipt("7"), lambda: calls.append("x")) is Recall.NEW
+    buf.submit_wait([reading(0), receipt("7")], 10)
+    assert [r.id for r in all_rows(buf)] == [buf.last_id]  # the receipt is no row, takes no seq
+    buf.stop()
+
+    buf = open_buffer(tmp_path)
+    try:
+        assert buf.recall(receipt("7"), lambda: calls.append("same")) is Recall.SAME
+        assert calls == ["same"]  # already durable: at once
+        assert buf.recall(receipt("7", b"fp-2"), lambda: calls.append("other")) is Recall.OTHER
+        assert buf.recall(Receipt("mqtt:another", "7", b"fp-1", 600), calls.append) is Recall.NEW
+        assert calls == ["same"]
+    finally:
+        buf.stop()
+
+
+def test_a_redelivery_of_a_queued_delivery_waits_for_its_commit(tmp_path):
+    buf = open_buffer(tmp_path)
+    hold = threading.Event()
+    events: list[str] = []
+    try:
+        buf.submit([reading(0)], on_durable=lambda: hold.wait(10))  # holds the writer
+        buf.submit([reading(1), receipt("9")], on_durable=lambda: events.append("first"))
+        assert buf.recall(receipt("9"), lambda: events.append("again")) is Recall.SAME
+        assert events == []  # not durable yet
+        hold.set()
+        buf.submit_wait([], 10)
+        assert events == ["first", "again"]
+        assert len(all_rows(buf)) == 2
+    finally:
+        hold.set()
+        buf.stop()
+
+
+def test_forget_drops_only_receipts_committed_before_the_ack(tmp_path):
+    buf = open_buffer(tmp_path)
+    try:
+        buf.submit_wait([reading(0), receipt("1"), receipt("2")], 10)
+        acked = time.time()
+        buf.forget([(receipt("1"), acked), (receipt("2"), acked - 3600)])
+        buf.submit_wait([], 10)
+        assert buf.recall(receipt("1"), lambda: None) is Recall.NEW
+        # "2" was committed after the time given: a later delivery under the key, kept.
+        assert buf.recall(receipt("2"), lambda: None) is Recall.SAME
+    finally:
+        buf.stop()
+
+
+def test_forget_older_keeps_the_keys_delivered_again(tmp_path):
+    buf = open_buffer(tmp_path)
+    try:
+        buf.submit_wait([reading(0), receipt("1"), receipt("2"), receipt("3")], 10)
+        before = time.time()
+        buf.submit_wait([reading(1), receipt("4")], 10)
+        buf.forget_older("mqtt:test", before, keep={"2"})
+        buf.submit_wait([], 10)
+        recalled = {k: buf.recall(receipt(k), lambda: None) for k in "1234"}
+        assert recalled == {"1": Recall.NEW, "2": Recall.SAME, "3": Recall.NEW, "4": Recall.SAME}
+    finally:
+        buf.stop()
+
+
+def test_an_expired_receipt_is_not_recalled(tmp_path):
+    buf = open_buffer(tmp_path)
+    try:
+        buf.submit_wait([reading(0), receipt("1", keep_s=-1.0)], 10)
+        assert buf.recall(receipt("1"), lambda: None) is Recall.NEW
+    finally:
+        buf.stop()

@@ -62,7 +62,7 @@ FIXED = Subscription(
 )
 REASONS = {
     "too_large", "topic_mismatch", "not_json", "not_an_object", "missing_field", "wrong_type",
-    "bad_timestamp", "invalid", "empty", "not_a_number",
+    "bad_timestamp", "invalid", "empty", "not_a_number", "field_too_long", "bad_characters",
 }  # fmt: skip
 
 

@@ -195,6 +195,21 @@ unit = "°C"
             "one of 'good', 'uncertain', 'bad', got 'fine'",
         ),
         (
+            # A probe that reads at most one register per request can never read a float32.
+            '[[values]]\nname = "t"\nparameter = "temperature"\naddress = 4\n'
+            'type = "float32"\nunit = "°C"\n',
+            ("model =", "max_read = 1\nmodel ="),
+            "max_read",
+            "values[1] (t) is a float32 of 2 registers",
+        ),
+        (
+            '[[status]]\nname = "s"\naddress = 5\ntype = "uint32"\n'
+            'bits = [{bit = 0, name = "x"}]\n',
+            ("model =", "max_read = 1\nmodel ="),
+            "max_read",
+            "status[0] (s) is a uint32 of 2 registers",
+        ),
+        (
             '[[vectors]]\nname = "v"\nholding = [700]\nquality = { pH = "good" }\n',
             ("", ""),
             "vectors[0]",

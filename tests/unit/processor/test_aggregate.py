@@ -342,8 +342,10 @@ def test_a_resent_reading_does_not_change_its_window():
 def test_readings_without_gateway_and_seq_are_identified_by_sensor_parameter_and_time():
     pw = windows()
     assert pw.add(reading(T0 + 1.0001, 7.0), 0, NOW) is Outcome.ADDED
-    assert pw.add(reading(T0 + 1.0004, 7.0), 1, NOW) is Outcome.DUPLICATE  # same millisecond
-    assert pw.add(reading(T0 + 1.002, 7.0), 2, NOW) is Outcome.ADDED
+    assert pw.add(reading(T0 + 1.0001, 7.0), 1, NOW) is Outcome.DUPLICATE  # a replay
+    assert pw.add(reading(T0 + 1.0004, 7.0), 2, NOW) is Outcome.ADDED  # the same millisecond
+    assert pw.add(reading(T0 + 1.000401, 7.0), 5, NOW) is Outcome.ADDED  # ... a microsecond on
+    assert pw.add(reading(T0 + 1.002, 7.0), 6, NOW) is Outcome.ADDED
     assert pw.add(reading(T0 + 1.0001, 7.0, sensor="ph-2"), 3, NOW) is Outcome.ADDED
     assert pw.add(reading(T0 + 1.0001, 7.0, parameter="BOD"), 4, NOW) is Outcome.ADDED
 
@@ -395,7 +397,9 @@ def _distinct_windows(msgs: list[Reading]) -> dict:
     """Aggregates computed straight from the distinct readings (first copy of each)."""
     seen, out = set(), {}
     for r in msgs:
-        ident = (r.gateway_id, r.seq) if r.seq is not None else (r.sensor_id, round(r.timestamp, 3))
+        ident = (
+            (r.gateway_id, r.seq) if r.seq is not None else (r.sensor_id, round(r.timestamp * 1e6))
+        )
         if (r.parameter, ident) in seen:
             continue
         seen.add((r.parameter, ident))

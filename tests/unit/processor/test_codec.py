@@ -25,6 +25,14 @@ def test_canonical_timestamps_parse_like_parse_ts_and_format_back_to_themselves(
     assert format_ts(canonical_ts(text)) == text
 
 
+@settings(max_examples=500, deadline=None)
+@given(us=st.integers(0, 4_102_444_800 * 10**6))
+def test_microsecond_timestamps_take_the_fast_path_and_mean_what_parse_ts_says(us):
+    text = format_ts(us / 10**6)
+    assert canonical_ts(text) == parse_ts(text)
+    assert format_ts(canonical_ts(text)) == text
+
+
 def test_other_timestamp_forms_are_left_to_parse_ts():
     for text in (
         "2026-11-28T06:34:14Z",
@@ -35,6 +43,9 @@ def test_other_timestamp_forms_are_left_to_parse_ts():
         "2026-13-28T06:34:14.123Z",
         "\uff12026-11-28T06:34:14.123Z",  # a fullwidth digit
         "2026-11-28T06:34:1\u0664.123Z",  # an Arabic-Indic digit
+        "2026-11-28T06:34:14.1234Z",
+        "2026-11-28T06:34:14.12345678Z",
+        "2026-11-28T06:34:14.123\u066456Z",
     ):
         assert canonical_ts(text) is None, text
 

@@ -195,7 +195,7 @@ def test_a_prediction_is_one_point_tagged_with_plant_and_model_carrying_its_inpu
     assert prediction_line(p) == (
         'predictions,model=builtin,plant_id=north prediction="class A",confidence=0.54,'
         "window_start=1790000040i,flow_rate=150.0,influent_pH=7.0,effluent_BOD=6.3,"
-        'defaulted="flow_rate" 1790000047500'
+        'defaulted="flow_rate" 1790000047500000'
     )
 
 

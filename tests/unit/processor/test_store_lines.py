@@ -17,14 +17,21 @@ def test_a_reading_becomes_one_water_quality_point_with_the_design_schema():
     r = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north", location="aeration 1")
     assert reading_line(r) == (
         "water_quality,location=aeration\\ 1,parameter=pH,plant_id=north,sensor_id=ph-1 "
-        'quality="good",unit="pH",value=7.0,reasons="" 1790000000123'
+        'quality="good",unit="pH",value=7.0,reasons="" 1790000000123000'
     )
 
 
 def test_the_same_reading_twice_gives_the_same_point_identity():
     a = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north")
-    b = Reading("ph-1", "pH", 7.0, "pH", TS + 0.0001, plant_id="north")  # same millisecond
-    assert reading_line(a) == reading_line(b)
+    again = Reading("ph-1", "pH", 7.0, "pH", TS, plant_id="north")
+    assert reading_line(a) == reading_line(again)
+
+
+def test_two_readings_within_one_millisecond_are_two_points():
+    a = Reading("ph-1", "pH", 7.0, "pH", 1_790_000_000.123456, plant_id="north")
+    b = Reading("ph-1", "pH", 7.0, "pH", 1_790_000_000.123789, plant_id="north")
+    assert reading_line(a).endswith(" 1790000000123456")
+    assert reading_line(b).endswith(" 1790000000123789")
 
 
 def test_every_reading_point_carries_reasons_so_a_rewrite_replaces_them():
@@ -57,7 +64,7 @@ def test_a_newline_in_a_tag_or_string_field_never_splits_the_line():
     assert "\n" not in line and "\r" not in line
     assert line == (
         "water_quality,location=in\\ let,parameter=pH,plant_id=north\\ \\ x,sensor_id=s\\ 1 "
-        'quality="uncertain",unit="p H",value=7.0,reasons="spike x" 1790000000123'
+        'quality="uncertain",unit="p H",value=7.0,reasons="spike x" 1790000000123000'
     )
     e = AlarmEvent(
         "a1", "e1", "b\n1", "north", "BOD", "HH", "critical", "raised", 1.0, 0.5, TS, "two\nlines"
@@ -85,7 +92,8 @@ def test_windows_and_alarms_are_points_too():
     assert window_line(w).startswith(
         "water_quality,parameter=BOD,plant_id=north,source=sensors.raw.north/2 count=3i,sum=60.0"
     )
-    assert window_line(w).endswith(" 1790000040000")
+    assert window_line(w).endswith(" 1790000040000000")
+    assert ",latest_time=1790000000123000i," in window_line(w)
     e = AlarmEvent(
         "a1",
         "e1",
@@ -104,6 +112,7 @@ def test_windows_and_alarms_are_points_too():
         "alerts,condition=HH,level=critical,parameter=BOD,plant_id=north,sensor_id=b-1,"
         "state=raised "
     )
+    assert alarm_line(e).endswith(" 1790000000123000")
 
 
 def test_a_string_value_becomes_a_bad_reading_without_value():
@@ -122,7 +131,7 @@ def test_a_string_value_becomes_a_bad_reading_without_value():
 
 def test_payloads_without_a_readings_identity_are_rejected_with_a_reason():
     assert decode(b'{"parameter": "pH", "value": 7}', "north") == Rejection(
-        "missing_field", "sensorId"
+        "missing_field", "sensorId", field="sensorId"
     )
     assert isinstance(decode(b"\xff\xfe", "north"), Rejection)
     assert decode(None, "north").reason == "empty"

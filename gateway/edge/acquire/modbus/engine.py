@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
-from gateway.common.config import ConfigError, build
+from gateway.common.config import ConfigError, build, check_reading_field
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
 from gateway.common.model import Quality, Reading, Record, now_ts
@@ -66,14 +66,23 @@ class DeviceConfig:
     interval: float = 10.0  # seconds between polls
     location: str = ""
     plant_id: str = "default"
+    also_units: ClassVar[tuple[int, ...]] = ()  # valid besides the slave addresses 1..247
 
     def __post_init__(self) -> None:
         if not self.sensor_id:
             raise ValueError("sensor_id must not be empty")
+        check_reading_field("sensor_id", "sensorId", self.sensor_id)
+        for name, sensor_id in self.sensor_ids.items():
+            check_reading_field(f"sensor_ids.{name}", "sensorId", sensor_id)
+        check_reading_field("plant_id", "plantId", self.plant_id)
+        check_reading_field("location", "location", self.location)
         if self.interval <= 0:
             raise ValueError(f"interval must be positive, got {self.interval}")
-        if self.unit is not None and not 0 <= self.unit <= 255:
-            raise ValueError(f"unit must be 0..255, got {self.unit}")
+        if self.unit == 0:
+            raise ValueError("unit must be a slave address 1..247, not 0: unit 0 is broadcast")
+        if self.unit is not None and not (1 <= self.unit <= 247 or self.unit in self.also_units):
+            also = "".join(f" or {u}" for u in self.also_units)
+            raise ValueError(f"unit must be a slave address 1..247{also}, got {self.unit}")
 
 
 @dataclass(kw_only=True)
@@ -105,6 +114,9 @@ class SerialPortConfig:
 @dataclass(kw_only=True)
 class TcpDeviceConfig(DeviceConfig):
     """``[[modbus.tcp]]``: devices at the same host:port share one connection and worker."""
+
+    # The Modbus TCP specification's unit for a device addressed directly, behind no gateway.
+    also_units: ClassVar[tuple[int, ...]] = (255,)
 
     host: str
     port: int = 502

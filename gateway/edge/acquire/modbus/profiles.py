@@ -193,6 +193,17 @@ class Profile:
 def _layout_errors(p: Profile) -> tuple[str, str] | None:
     """Cross-field checks build() cannot do: (key, expected) of the first problem, if any."""
     names = [v.name for v in p.values]
+    read = [
+        *((f"values[{i}]", v.name, v.type) for i, v in enumerate(p.values)),
+        *((f"status[{i}]", s.name, s.type) for i, s in enumerate(p.status)),
+        *((f"calibration[{i}]", c.name, c.type) for i, c in enumerate(p.calibration)),
+    ]
+    for key, name, type_name in read:
+        if width(type_name) > p.max_read:
+            return "max_read", (
+                f"at least the registers of the widest value, {p.max_read} is too few: "
+                f"{key} ({name}) is a {type_name} of {width(type_name)} registers"
+            )
     owned: dict[tuple[str, int], str] = {}  # registers of values, status and calibration
     items = [
         *((f"values[{i}]", v.table, v.address, width(v.type)) for i, v in enumerate(p.values)),

@@ -59,11 +59,22 @@ class SimSlave:
     seed: int = 0
     written: dict[tuple[str, int], int] = field(default_factory=dict)  # calibration writes
     started: float = field(default_factory=time.monotonic)
+    # With corrupt_crc on a serial line: garbage bytes that follow each spoiled answer at line
+    # rate, as on a noisy RS-485 line (a master must wait for silence before its next request).
+    noise_bytes: int = 0
+    fault_answers: int = 0  # answers the fault spoils before it clears by itself; 0: until changed
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS or self.fault not in FAULTS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, fault one of {FAULTS}")
         self._rng = random.Random(self.seed)
+
+    def answered(self) -> None:
+        """Count an answer the fault has spoiled (see ``fault_answers``)."""
+        if self.fault != "none" and self.fault_answers > 0:
+            self.fault_answers -= 1
+            if self.fault_answers == 0:
+                self.fault = "none"
 
     def value_at(self, nominal: float, t: float) -> float:
         size = abs(nominal) or 1.0
@@ -255,15 +266,29 @@ class RtuSimulator:
         if pdu is None:
             return
         frame = rtu_frame(slave.unit, pdu)
+        noise = 0
         if slave.fault == "corrupt_crc":
             frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])
+            noise = slave.noise_bytes
+        slave.answered()
+        char = self.bits / self.baudrate
         if self.line_timing:
-            char = self.bits / self.baudrate
             gap = 0.00175 if self.baudrate > 19200 else 3.5 * char
             due = received + (len(request) + len(frame)) * char + gap
             time.sleep(max(0.0, due - time.monotonic()))
         self._serial.write(frame)
         self._serial.flush()
+        self._noise(noise, char)
+
+    def _noise(self, n: int, char: float) -> None:
+        """``n`` garbage bytes (0xFF/0x00: never a unit address in use) at line rate."""
+        start, sent = time.monotonic(), 0
+        while sent < n:
+            chunk = bytes(0xFF * (i % 2) for i in range(min(8, n - sent)))
+            self._serial.write(chunk)
+            self._serial.flush()
+            sent += len(chunk)
+            time.sleep(max(0.0, start + sent * char - time.monotonic()))
 
 
 class TcpSimulator:
@@ -333,4 +358,6 @@ class TcpSimulator:
                 continue
             if slave is not None and slave.fault == "corrupt_crc" and len(answer) > 2:
                 answer = answer[:1] + bytes([answer[1] ^ 0x02]) + answer[2:]
+            if slave is not None:
+                slave.answered()
             sock.sendall(mbap(tid, unit, answer))

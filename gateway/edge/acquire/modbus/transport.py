@@ -25,6 +25,8 @@ from gateway.edge.acquire.modbus.frames import (
 )
 from gateway.edge.acquire.modbus.profiles import SerialDefaults
 
+DRAIN_MAX_S = 2.0  # longest wait for a noisy line to fall silent after a bad frame
+
 
 def bits_per_character(line: SerialDefaults) -> int:
     return 1 + line.bytesize + (line.parity != "N") + line.stopbits
@@ -80,9 +82,15 @@ class RtuTransport:
         return buf
 
     def _drain(self, ser: serial.Serial) -> None:
-        """Swallow the rest of a bad frame: read until the line is quiet for a few characters."""
-        while self._read(ser, 256, time.monotonic() + max(4 * self.gap, 0.005)):
-            pass
+        """Swallow what follows a bad frame (its rest, a late answer, line noise): read until the
+        line has been silent for four inter-frame gaps (at least 5 ms), so the next request's
+        answer is not mixed with it. A line that never falls silent is given up on after
+        DRAIN_MAX_S: the next request then fails on its own and the device backs off."""
+        quiet = max(4 * self.gap, 0.005)
+        give_up = time.monotonic() + DRAIN_MAX_S
+        while self._read(ser, 256, min(time.monotonic() + quiet, give_up)):
+            if time.monotonic() >= give_up:
+                return
 
     def exchange(self, unit: int, pdu: bytes, timeout: float) -> bytes:
         ser = self._serial or self._open()
@@ -110,8 +118,10 @@ class RtuTransport:
             raise ModbusError("malformed", f"unexpected frame start {head.hex()}")
         frame = head + self._read(ser, length - 3, deadline)
         if len(frame) < length:
+            self._drain(ser)  # its rest may still come, after the request that follows
             raise ModbusError("malformed", f"frame cut short at {len(frame)} of {length} bytes")
         if not crc_ok(frame):
+            self._drain(ser)  # noise spoils more than one frame's worth
             raise ModbusError("crc")
         return frame[1:-2]
 

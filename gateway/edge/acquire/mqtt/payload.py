@@ -11,12 +11,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway.common.config import KeyProblem, check_reading_field
 from gateway.common.model import (
     EARLIEST_TS,
     LATEST_TS,
     Quality,
     Reading,
     Rejection,
+    check_reading,
     now_ts,
     parse_ts,
     reading_from_dict,
@@ -31,6 +33,12 @@ PLACEHOLDERS = {
 }
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _MS_EPOCH = 1e11  # a numeric ts above this is in milliseconds (1e11 s is the year 5138)
+QOS2_REFUSED = (
+    "0 or 1; qos = 2 is not supported: paho answers PUBREC before the reading is committed, so "
+    "a crash between the two would lose the message. Use qos = 1: a message is acknowledged "
+    "only once committed and a redelivery is recognised, so each is stored once (README, "
+    "Delivery)"
+)
 
 
 @dataclass
@@ -51,9 +59,19 @@ class Subscription:
     levels: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if self.qos == 2:
+            raise KeyProblem("qos", QOS2_REFUSED)
+        if self.qos not in (0, 1):
+            raise KeyProblem("qos", f"0 or 1, got {self.qos}")
         _check_filter(self.topic)
+        for key, name in (
+            ("plant_id", "plantId"),
+            ("sensor_id", "sensorId"),
+            ("parameter", "parameter"),
+            ("unit", "unit"),
+            ("location", "location"),
+        ):
+            check_reading_field(key, name, getattr(self, key))
         self.levels = _parse_pattern(self.pattern) if self.pattern else ()
         named = {name for name, _ in self.levels if name}
         if self.format != "json":
@@ -127,8 +145,15 @@ def _parse(
         value = _parse_number(payload)
         if isinstance(value, Rejection):
             return value
-        return [_finish(_reading(sub, fields, value, sub.unit, ts, Quality.GOOD))]
-    return _parse_isa95(payload, sub, fields, ts)
+        result = [_finish(_reading(sub, fields, value, sub.unit, ts, Quality.GOOD))]
+    else:
+        isa95 = _parse_isa95(payload, sub, fields, ts)
+        if isinstance(isa95, Rejection):
+            return isa95
+        result = isa95
+    # Topic levels and the ISA-95 unit become fields here, not in reading_from_dict.
+    problem = check_reading(result[0])
+    return result if problem is None else problem
 
 
 def _topic_fields(topic: str, sub: Subscription) -> dict[str, str] | Rejection:
@@ -141,7 +166,7 @@ def _topic_fields(topic: str, sub: Subscription) -> dict[str, str] | Rejection:
     out: dict[str, str] = {}
     for (name, literal), level in zip(sub.levels, levels, strict=True):
         if name:
-            if not level or len(level) > 256:
+            if not level:
                 return mismatch
             out[PLACEHOLDERS[name]] = level
         elif level != literal:
@@ -223,7 +248,8 @@ def _parse_json(
         merged = {**defaults, **item} if isinstance(item, dict) else item
         r = reading_from_dict(merged, plant_id=plant_id)
         if isinstance(r, Rejection):
-            return Rejection(r.reason, f"item {i}: {r.detail}" if len(items) > 1 else r.detail)
+            detail = f"item {i}: {r.detail}" if len(items) > 1 else r.detail
+            return Rejection(r.reason, detail, r.field)
         readings.append(_finish(r))
     return readings
 
@@ -247,8 +273,8 @@ def _parse_isa95(
     if isinstance(ts, Rejection):
         return ts
     unit = d.get("unit", sub.unit)
-    if not isinstance(unit, str) or len(unit) > 32:
-        return Rejection("wrong_type", "unit must be a string of at most 32 characters")
+    if not isinstance(unit, str):
+        return Rejection("wrong_type", "unit must be a string", "unit")
     try:
         quality = Quality(d.get("quality", "good"))
     except (ValueError, TypeError):

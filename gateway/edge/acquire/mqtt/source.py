@@ -6,6 +6,15 @@ and queues QoS 1 messages while the gateway is down; paho's manual ack sends the
 sink's ``on_durable`` callback. A message that is never made durable is never acknowledged, and
 the broker redelivers it on the next connection.
 
+Redeliveries: an ack lost on the way (the connection dropped, the gateway was killed or stopped
+between commit and ack) makes the broker deliver the message again with the DUP flag. Each QoS 1
+message is committed with a receipt: the session and packet id as its key, a fingerprint of topic
+and payload. A DUP message whose receipt is committed (or queued) with the same fingerprint is
+acknowledged again and not stored again; a message without the DUP flag is always taken, also
+when it is byte-identical to an earlier one. Receipts are dropped once the broker has confirmed
+the acks (an UNSUBSCRIBE barrier, see ``_confirm``), and after a reconnect those of messages the
+broker did not deliver again; they expire after the session expiry in any case.
+
 Malformed payloads are counted, logged (rate-limited), stored in the dead-letter store and then
 acknowledged: the dead-letter row is their durable home.
 """
@@ -13,9 +22,11 @@ acknowledged: the dead-letter row is their durable home.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +38,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.common.config import build, secret
+from gateway.common.config import SECRET, build, secret
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
-from gateway.common.model import Reading, Record, Rejection
-from gateway.common.stage import Health, Sink, SinkClosed
+from gateway.common.model import Reading, Receipt, Record, Rejection
+from gateway.common.stage import Health, OnDurable, Recall, Receipts, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
 from gateway.edge.deadletter import DeadLetterStore
@@ -39,6 +50,20 @@ from gateway.edge.deadletter import DeadLetterStore
 log = logging.getLogger(__name__)
 
 SOURCE = "mqtt"
+CONFIRM_INTERVAL_S = 1.0  # how often the broker is asked to confirm the acks sent since
+
+
+def fingerprint(topic: str, payload: bytes) -> bytes:
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+
+
+@dataclass
+class _Barrier:
+    """What the UNSUBACK to an ack barrier confirms, if it answers the same connection."""
+
+    generation: int
+    acked: list[tuple[Receipt, float]]  # receipts whose acks were sent before it, with when
+    cleanup_before: float | None = None  # after a (re)connect: drop older receipts not redelivered
 
 
 @dataclass
@@ -51,7 +76,7 @@ class MqttConfig:
     tls: bool = False
     ca_file: str = ""  # empty: the system's CAs
     username: str = ""
-    password: str = ""  # env:NAME or file:/path
+    password: str = field(default="", metadata=SECRET)  # env:NAME, file:/path or cred:NAME
     client_id: str = ""  # stable across restarts (it names the session); default from gateway id
     keepalive: int = 30
     session_expiry: int = 7 * 86400  # seconds the broker keeps queueing for us while we are down
@@ -100,6 +125,7 @@ class MqttSource:
         dead_letters: DeadLetterStore,
         gateway_id: str,
         *,
+        receipts: Receipts | None = None,
         log_interval: float = 10.0,
     ) -> None:
         self.config = config
@@ -124,6 +150,15 @@ class MqttSource:
         self.last_error = ""  # for /health details
         self._beat = Heartbeat("mqtt network loop", progress=False)
         self._sub_cache: dict[str, Subscription | None] = {}
+        # Redeliveries (see the module's docstring). None: every delivery is taken.
+        self._receipts = receipts
+        self._receipt_source = f"mqtt:{self._client_id}"
+        self._unconfirmed: list[tuple[Receipt, float]] = []  # acked, not confirmed by the broker
+        self._barriers: dict[int, _Barrier] = {}  # UNSUBSCRIBE mid -> what its answer confirms
+        self._connected_at = 0.0
+        self._redelivered: set[str] = set()  # keys of DUP messages in this connection
+        self._stopping = threading.Event()
+        self._confirmer: threading.Thread | None = None
 
     # -- lifecycle
 
@@ -157,6 +192,12 @@ class MqttSource:
         client.loop_start()
         # paho's network thread: not ours to instrument, so only watched for being alive.
         self._beat.watch(getattr(client, "_thread", None))
+        if self._receipts is not None:
+            self._stopping.clear()
+            self._confirmer = threading.Thread(
+                target=self._confirm_loop, name="mqtt-ack-confirm", daemon=True
+            )
+            self._confirmer.start()
 
     def stop(self, drain_timeout: float = 5.0, ack_timeout: float = 5.0) -> None:
         """Stop taking messages, wait up to ``drain_timeout`` for those in the sink to become
@@ -166,6 +207,10 @@ class MqttSource:
         client = self._client
         if client is None:
             return
+        self._stopping.set()
+        if self._confirmer is not None:
+            self._confirmer.join()
+            self._confirmer = None
         with self._lock:
             self._accepting = False
             self._idle.wait_for(lambda: self._pending == 0, timeout=drain_timeout)
@@ -189,10 +234,10 @@ class MqttSource:
         connection's packets in order, so its UNSUBACK to an UNSUBSCRIBE of a filter we never
         subscribed to (no side effect) comes after every earlier ack was processed.
         """
-        rc, mid = client.unsubscribe(f"edge-gateway/ack-barrier/{uuid.uuid4().hex}")
-        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            return
         with self._lock:
+            mid = self._barrier_locked(client)
+            if mid is None:
+                return
             confirmed = self._idle.wait_for(
                 lambda: mid in self._unsubacked or self._generation != generation, timeout
             )
@@ -202,6 +247,39 @@ class MqttSource:
 
     def heartbeats(self) -> list[Heartbeat]:
         return [self._beat]
+
+    def _barrier_locked(
+        self, client: mqtt.Client, cleanup_before: float | None = None
+    ) -> int | None:
+        """Send an ack barrier; its answer confirms the acks sent so far (and, with
+        ``cleanup_before``, that every redelivery of this connection has arrived). Caller holds
+        _lock, so the answer cannot be handled before the barrier is registered."""
+        rc, mid = client.unsubscribe(f"edge-gateway/ack-barrier/{uuid.uuid4().hex}")
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        acked, self._unconfirmed = self._unconfirmed, []
+        self._barriers[mid] = _Barrier(self._generation, acked, cleanup_before)
+        return int(mid)
+
+    def _confirm_loop(self) -> None:
+        """Now and then, have the broker confirm the acks sent since: their receipts can go."""
+        while not self._stopping.wait(CONFIRM_INTERVAL_S):
+            client = self._client
+            with self._lock:
+                waiting = any(b.cleanup_before is None for b in self._barriers.values())
+                if client is not None and self._connected and self._unconfirmed and not waiting:
+                    self._barrier_locked(client)
+
+    def _confirmed(self, barrier: _Barrier, keep: set[str]) -> None:
+        """The broker has read every ack sent before ``barrier``: it delivers those messages no
+        more; after a reconnect, it has also sent again all it will (the MQTT resend at
+        connection comes before its answer to any later packet)."""
+        if self._receipts is None:
+            return
+        if barrier.acked:
+            self._receipts.forget(barrier.acked)
+        if barrier.cleanup_before is not None:
+            self._receipts.forget_older(self._receipt_source, barrier.cleanup_before, keep)
 
     def health(self) -> Health:
         """Healthy while connected and the broker accepted every subscription."""
@@ -220,6 +298,8 @@ class MqttSource:
             if not self._connected:
                 self._connected = True
                 self._metrics.active_connections.inc()
+            self._connected_at = time.time()
+            self._redelivered = set()
         log.info("MQTT connected to %s (session present: %s)", self._where(), flags.session_present)
         subs = [(s.topic, s.qos) for s in self.config.subscriptions]
         if subs:
@@ -245,11 +325,18 @@ class MqttSource:
             log.error("MQTT broker refused subscription %r: %s", topic, code)
         with self._lock:
             self._subscribed = not refused
+            if self._receipts is not None and self._client is not None and self._connected:
+                self._barrier_locked(self._client, cleanup_before=self._connected_at)
 
     def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
         with self._lock:
             self._unsubacked.add(mid)
             self._idle.notify_all()
+            barrier = self._barriers.pop(mid, None)
+            if barrier is None or barrier.generation != self._generation:
+                return
+            keep = set(self._redelivered)
+        self._confirmed(barrier, keep)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -275,6 +362,16 @@ class MqttSource:
             rejection = Rejection("bad_topic", "topic is not UTF-8")
             self._store(partial(self._reject, topic, payload, rejection), mid, qos, generation)
             return
+        receipt = None
+        if qos and self._receipts is not None:
+            receipt = Receipt(
+                self._receipt_source,
+                str(mid),
+                fingerprint(topic, payload),
+                self.config.session_expiry,
+            )
+            if msg.dup and self._recognised(receipt, mid, qos, generation):
+                return
         sub = self._subscription_for(topic)
         if sub is None:  # e.g. a filter left in the persistent session by an older config
             result: list[Reading] | Rejection = Rejection("no_subscription", topic[:200])
@@ -288,14 +385,33 @@ class MqttSource:
         for r in result:
             r.gateway_id = self._gateway_id
         records: list[Record] = [*result]
-        self._store(partial(self._sink, records), mid, qos, generation)
+        if receipt is not None:
+            records.append(receipt)
+        self._store(partial(self._sink, records), mid, qos, generation, receipt)
 
     def _store(
-        self, store: Callable[[Callable[[], None]], None], mid: int, qos: int, generation: int
+        self,
+        store: Callable[[OnDurable], None],
+        mid: int,
+        qos: int,
+        generation: int,
+        receipt: Receipt | None = None,
     ) -> None:
         """Hand a message to ``store`` (the sink, or the dead-letter store), which calls back
         once it is durable: only then is the message acknowledged. Counted in ``_pending`` until
         then, so ``stop()`` can wait for it."""
+        on_durable, cancel = self._durable_ack(mid, qos, generation, receipt)
+        try:
+            store(on_durable)
+        except BaseException:
+            cancel()
+            raise
+
+    def _durable_ack(
+        self, mid: int, qos: int, generation: int, receipt: Receipt | None
+    ) -> tuple[OnDurable, OnDurable]:
+        """A message now in flight (counted in _pending): the callback that settles and acks it
+        once it is durable, and the one that settles it if it will never be."""
         done = False
 
         def on_durable() -> None:
@@ -305,18 +421,40 @@ class MqttSource:
                     return
                 done = True
                 self._settle()
-                self._ack_locked(mid, qos, generation)
+                if self._ack_locked(mid, qos, generation) and receipt is not None:
+                    self._unconfirmed.append((receipt, time.time()))
 
-        with self._lock:
-            self._pending += 1
-        try:
-            store(on_durable)
-        except BaseException:
+        def cancel() -> None:
+            nonlocal done
             with self._lock:
                 if not done:
                     done = True
                     self._settle()
+
+        with self._lock:
+            self._pending += 1
+        return on_durable, cancel
+
+    def _recognised(self, receipt: Receipt, mid: int, qos: int, generation: int) -> bool:
+        """Whether a DUP message was committed (or is queued) already: then it is acknowledged
+        once that is durable, and not taken again."""
+        assert self._receipts is not None
+        with self._lock:
+            self._redelivered.add(receipt.key)
+        on_durable, cancel = self._durable_ack(mid, qos, generation, receipt)
+        try:
+            recall = self._receipts.recall(receipt, on_durable)
+        except BaseException:
+            cancel()
             raise
+        if recall is not Recall.SAME:
+            cancel()
+            return False
+        self._metrics.redeliveries.labels(SOURCE).inc()
+        self._log.info(
+            "redelivery", "MQTT redelivery of a committed message recognised: not stored again"
+        )
+        return True
 
     def _reject(
         self, topic: str, payload: bytes, rejection: Rejection, on_durable: Callable[[], None]
@@ -335,13 +473,16 @@ class MqttSource:
             SOURCE, topic, rejection.reason, payload, rejection.detail, on_durable=on_durable
         )
 
-    def _ack_locked(self, mid: int, qos: int, generation: int) -> None:
+    def _ack_locked(self, mid: int, qos: int, generation: int) -> bool:
+        """Send the ack if the message's connection is still the current one; whether it was."""
         # paho's ack() only appends the PUBACK to a deque and wakes the network thread through
         # its socketpair (as publish() does), so any thread may call it while loop_start()'s
         # thread runs. Holding _lock keeps it off a later connection (see _generation).
         client = self._client
         if qos and client is not None and self._connected and generation == self._generation:
             client.ack(mid, qos)
+            return True
+        return False
 
     def _settle(self) -> None:  # caller holds _lock
         self._pending -= 1
@@ -350,6 +491,10 @@ class MqttSource:
 
     def _set_disconnected(self) -> None:  # caller holds _lock
         self._subscribed = False
+        # Whether the broker read the acks not yet confirmed is unknown: their receipts stay, and
+        # the cleanup after the next connection drops those of messages not delivered again.
+        self._unconfirmed = []
+        self._barriers.clear()
         if self._connected:
             self._connected = False
             self._generation += 1
