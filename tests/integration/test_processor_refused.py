@@ -15,6 +15,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 
 from gateway.common.model import Reading
 from gateway.processor.aggregate import window_start
+from gateway.processor.store import us
 from tests.support.net import free_port
 from tests.support.processor_harness import (
     Dataset,
@@ -89,7 +90,7 @@ def test_readings_influxdb_refuses_go_to_the_dead_letter_topic_counted(servers, 
             f"water_quality,location=inlet,parameter=pH,plant_id={plant}".encode()
         )
     refused = sorted(int(m.value().rsplit(b" ", 1)[1]) for m in dead)
-    assert refused == [round(r.timestamp * 1000) for r in readings]
+    assert refused == [us(r.timestamp) for r in readings]  # the line as written, microseconds
     assert sorted(p["value"] for p in stored) == [r.value for r in fine]
     counted = [
         ln
