@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from gateway.common.alarms import AlarmConfig, AlarmEngine
@@ -54,12 +56,11 @@ def test_calibrated_value_is_validated_and_alarmed(store):
 
 
 def test_uncalibrated_reading_passes_unchanged(store):
-    r = reading("BOD", 12.0)
-    assert pipeline(store).process(r) == [r]
-    assert (r.value, r.raw_value, r.calibration_id) == (12.0, None, None)
-    r = reading("BOD", 12.0)
-    assert pipeline(None).process(r) == [r]
-    assert r.calibration_id is None
+    for calibrations in (store, None):
+        r = reading("BOD", 12.0)
+        before = copy.deepcopy(r)  # the pipeline works on r in place: compare with a copy
+        assert pipeline(calibrations).process(r) == [before]
+        assert (r.value, r.raw_value, r.calibration_id) == (12.0, None, None)
 
 
 def test_ph_calibration_uses_the_probe_temperature(store):
