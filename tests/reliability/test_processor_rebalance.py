@@ -73,7 +73,7 @@ def test_a_third_instance_joining_and_leaving_takes_nothing_twice(kafka_env, inf
                 if steps.pop(at) == "join":
                     third.append(proc.start())
                 else:
-                    third[-1].terminate()
+                    proc.stop(third[-1])
 
     cfg = influx_config(servers)
     try:

@@ -236,6 +236,8 @@ class Processor:
     extra_config: str = ""  # more TOML, appended to the generated file
     env: dict[str, str] = field(default_factory=dict)  # more environment for the processes
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # instances the test ended on purpose (SIGTERM or SIGKILL); their exit is not a failure
+    ended: list[subprocess.Popen[bytes]] = field(default_factory=list)
     # more keys per config section, e.g. {"validation": {"max_age": 20}}
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -314,8 +316,14 @@ token = "env:INFLUXDB_TOKEN"
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        self.ended.append(proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """Ends one instance as systemd would (SIGTERM); it drains and leaves the group."""
+        self.ended.append(proc)
+        proc.terminate()
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -492,7 +500,7 @@ def wait_until_done(
         if raw == want_raw and agg == want_agg:
             return
         for p in proc.procs:
-            if p.poll() not in (None, -signal.SIGKILL):
+            if p not in proc.ended and p.poll() is not None:
                 raise AssertionError(f"a processor exited ({p.returncode}):\n{proc.logs()}")
         time.sleep(1.0)
     raise AssertionError(
