@@ -1,0 +1,132 @@
+"""The notification discipline (pure): grouping, repeat, inhibition, suppression, flood, resolved."""
+
+from __future__ import annotations
+
+from gateway.common.model import AlarmEvent
+from gateway.processor.alerting.config import NotificationsConfig, RouteConfig, WebhookConfig
+from gateway.processor.alerting.routing import Discipline
+
+T0 = 1_700_000_000.0
+
+
+def _config(**more: object) -> NotificationsConfig:
+    hooks = {n: WebhookConfig(url="http://127.0.0.1:1/") for n in ("mail", "sms", "hook", "chat")}
+    routes = [
+        RouteConfig(channels=["mail", "sms", "hook"], levels=["critical"]),
+        RouteConfig(channels=["chat"], levels=["warning"], resolved=False),
+    ]
+    args: dict[str, object] = {"group_wait": 1.0, "repeat_interval": 60.0, "routes": routes}
+    return NotificationsConfig(webhook=hooks, **(args | more))  # type: ignore[arg-type]
+
+
+def _event(
+    state: str = "raised",
+    *,
+    n: int = 0,
+    sensor: str = "s1",
+    level: str = "critical",
+    plant: str = "north",
+    condition: str = "",
+) -> AlarmEvent:
+    cond = condition or ("HH" if level == "critical" else "H")
+    return AlarmEvent(
+        alarm_id=f"{plant}-{sensor}-BOD-{cond}",
+        event_id=f"{plant}-{sensor}-{cond}-{state}-{n}",
+        sensor_id=sensor,
+        plant_id=plant,
+        parameter="BOD",
+        condition=cond,
+        level=level,
+        state=state,
+        value=150.0,
+        threshold=100.0,
+        timestamp=T0 + n,
+        message="BOD high",
+    )
+
+
+def test_a_critical_is_sent_once_after_the_group_wait_to_its_channels() -> None:
+    d = Discipline(_config())
+    assert d.apply(_event(), T0) == []
+    assert d.tick(T0 + 0.5) == []
+    (note,) = d.tick(T0 + 1.0)
+    assert note.kind == "alert" and note.channels == ("mail", "sms", "hook")
+    assert note.id == "alert:north-s1-HH-raised-0"
+    for i in range(1, 101):  # repeats of the same condition add nothing
+        d.apply(_event("re-raised", n=i), T0 + 1 + i * 0.1)
+        assert d.tick(T0 + 1 + i * 0.1) == []
+
+
+def test_a_reminder_after_the_repeat_interval_then_resolved() -> None:
+    d = Discipline(_config())
+    d.apply(_event(), T0)
+    d.tick(T0 + 1)
+    assert d.tick(T0 + 60) == []
+    (reminder,) = d.tick(T0 + 61)
+    assert reminder.kind == "reminder"
+    assert d.tick(T0 + 62) == []
+    (resolved,) = d.apply(_event("cleared", n=70), T0 + 70)
+    assert resolved.kind == "resolved" and resolved.channels == ("mail", "sms", "hook")
+    assert d.tick(T0 + 500) == []
+
+
+def test_an_alarm_cleared_within_the_group_wait_is_never_sent() -> None:
+    d = Discipline(_config())
+    d.apply(_event(), T0)
+    assert d.apply(_event("cleared", n=1), T0 + 0.5) == []
+    assert d.tick(T0 + 5) == []
+
+
+def test_critical_inhibits_the_warning_of_the_same_condition() -> None:
+    d = Discipline(_config())
+    d.apply(_event(), T0)
+    d.apply(_event(level="warning"), T0)
+    d.apply(_event(level="warning", sensor="s2"), T0)  # another sensor: not inhibited
+    notes = d.tick(T0 + 1)
+    assert sorted((n.level, n.alerts[0]["sensorId"]) for n in notes) == [
+        ("critical", "s1"),
+        ("warning", "s2"),
+    ]
+    assert all(n.alerts[0]["sensorId"] == "s2" for n in d.tick(T0 + 61) if n.level == "warning")
+
+
+def test_ack_stops_reminders_and_shelve_holds_them_until_it_ends() -> None:
+    d = Discipline(_config())
+    d.apply(_event(), T0)
+    d.apply(_event(sensor="s2"), T0)
+    d.tick(T0 + 1)
+    d.ack("north-s1-BOD-HH", "ana", T0 + 2, note="on it")
+    d.shelve("north-s2-BOD-HH", T0 + 200, "bo", T0 + 2)
+    assert d.tick(T0 + 100) == []
+    (reminder,) = d.tick(T0 + 200)
+    assert reminder.alerts[0]["sensorId"] == "s2"
+    assert [h["action"] for h in d.history] == ["acknowledged", "shelved"]
+    assert d.alerts["north-s1-BOD-HH"].doc()["ackedBy"] == "ana"
+
+
+def test_out_of_service_suppresses_process_alarms_not_probe_faults() -> None:
+    d = Discipline(_config())
+    d.set_out_of_service("s1", T0 + 3600, "cal", T0)
+    d.apply(_event(), T0)
+    d.apply(_event(condition="probe_fault"), T0)
+    (note,) = d.tick(T0 + 1)
+    assert note.alerts[0]["condition"] == "probe_fault"
+    assert d.history[0]["action"] == "out_of_service"
+
+
+def test_a_flood_becomes_one_summary() -> None:
+    d = Discipline(_config(flood_count=10))
+    for i in range(50):
+        d.apply(_event(sensor=f"s{i}", n=i), T0 + i * 0.01)
+    (summary,) = d.tick(T0 + 2)
+    assert summary.kind == "flood" and len(summary.alerts) == 50
+    for i in range(50, 60):  # more of the flood within its window: no second summary
+        d.apply(_event(sensor=f"s{i}", n=i), T0 + 3)
+    assert d.tick(T0 + 5) == []
+
+
+def test_a_replayed_decision_has_the_same_id() -> None:
+    first, second = Discipline(_config()), Discipline(_config())
+    for d in (first, second):
+        d.apply(_event(), T0)
+    assert [n.id for n in first.tick(T0 + 1)] == [n.id for n in second.tick(T0 + 1)]
