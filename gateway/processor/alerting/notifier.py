@@ -66,6 +66,7 @@ class AlertNotifier:
         metrics: Metrics,
         source: str = "config",
         on_change: AlertChanged | None = None,
+        metadata_refresh_ms: int = 30_000,
     ) -> None:
         self.config = config
         self.alerts_topic = alerts_topic
@@ -75,7 +76,13 @@ class AlertNotifier:
         self.discipline = Discipline(config)
         self.db.load(self.discipline)
         self.senders = Senders(build_channels(config, source), self.db, metrics)
-        common = {**kafka_conf, "enable.auto.commit": False, "error_cb": self._on_error}
+        common = {
+            **kafka_conf,
+            "enable.auto.commit": False,
+            "error_cb": self._on_error,
+            "topic.metadata.refresh.interval.ms": metadata_refresh_ms,  # topics made later
+            "fetch.wait.max.ms": 50,
+        }
         self._alerts_conf = {
             **common,
             "group.id": f"{group_prefix}-alerts",

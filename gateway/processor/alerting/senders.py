@@ -74,7 +74,7 @@ class Senders:
         }
         if self.failing:
             names = ", ".join(sorted(self.failing))
-            return False, {**detail, "error": f"channel failing: {names}"}
+            return False, {**detail, "degraded": True, "error": f"channel failing: {names}"}
         return True, detail
 
     def _run(self) -> None:

@@ -1,4 +1,4 @@
-"""The notification discipline (pure): grouping, repeat, inhibition, suppression, flood, resolved."""
+"""The notification discipline (pure): grouping, repeat, inhibition, suppression, flood."""
 
 from __future__ import annotations
 

@@ -1,0 +1,328 @@
+"""Alerts reach people, end to end: the processor run as ``python -m gateway processor run`` on the
+real Kafka and InfluxDB, notifying a real SMTP server (aiosmtpd, STARTTLS and AUTH), an SMS gateway
+stub speaking Twilio's form API and a webhook receiver checking the HMAC; operator actions through
+the ``edge-gateway alerts`` CLI.
+
+Alarm events are published to the run's alerts topic as gateways publish theirs (the processor's
+own alarms take the same topic); readings go through the raw topics.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from gateway.common.alarms import make_id
+from gateway.common.model import AlarmEvent, Reading
+from tests.support import receivers as rx
+from tests.support.net import free_port
+from tests.support.processor_harness import (
+    Processor,
+    RawProducer,
+    cli,
+    create_topic,
+    influx_config,
+    live_dataset,
+    wait_serving,
+)
+from tests.support.wait import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+TOKEN = "alerts-s3cret"
+GROUP_WAIT, REPEAT = 0.5, 8.0
+
+
+@dataclass
+class Receivers:
+    smtp: Any  # SmtpReceiver, or HangingSmtp until released
+    sms: rx.SmsGateway = field(default_factory=lambda: rx.SmsGateway().start())
+    hook: rx.WebhookReceiver = field(default_factory=lambda: rx.WebhookReceiver().start())
+
+    def emails(self) -> list[str]:
+        box = self.smtp if isinstance(self.smtp, rx.SmtpReceiver) else self.smtp.receiver
+        return [] if box is None else [str(m["Subject"]) for m in box.messages]
+
+    def counts(self, plant: str) -> tuple[int, int, int]:
+        """Emails, SMS and webhooks that name ``plant``."""
+        return (
+            sum(plant in s for s in self.emails()),
+            sum(plant in r.body for r in self.sms.requests),
+            sum(h.body.get("plantId") == plant for h in self.hook.received),
+        )
+
+    def kinds(self, plant: str) -> list[str]:
+        return [h.body["kind"] for h in self.hook.received if h.body.get("plantId") == plant]
+
+    def stop(self) -> None:
+        self.smtp.stop()
+        self.sms.stop()
+        self.hook.stop()
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return rx.make_cert(tmp_path_factory.mktemp("certs"))
+
+
+def _notifications(r: Receivers, smtp_port: int, ca: Path, state: Path, timeout: float) -> str:
+    fast = f"timeout_seconds = {timeout}\nretry_max_seconds = 1.0\nrate_per_minute = 600.0\n"
+    return f"""
+[notifications]
+enabled = true
+state_path = "{state}"
+group_wait = {GROUP_WAIT}
+repeat_interval = {REPEAT}
+flood_count = 10
+flood_window = 600
+
+[notifications.email.ops]
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "starttls"
+username = "{rx.SMTP_USER}"
+password = "env:TEST_SMTP_PASSWORD"
+ca_file = "{ca}"
+sender = "gateway@plant.test"
+to = ["oncall@plant.test"]
+{fast}
+[notifications.sms.oncall]
+base_url = "{r.sms.url}"
+account_sid = "{rx.SMS_SID}"
+auth_token = "env:TEST_SMS_TOKEN"
+from_number = "+15550100"
+to = ["+15550111"]
+{fast}
+[notifications.webhook.hook]
+url = "{r.hook.url}"
+secret = "env:TEST_HOOK_SECRET"
+{fast}
+[[notifications.routes]]
+levels = ["critical"]
+channels = ["ops", "oncall", "hook"]
+
+[[notifications.routes]]
+levels = ["warning"]
+channels = ["hook"]
+resolved = false
+"""
+
+
+def _processor(
+    servers: dict[str, str], workdir: Path, r: Receivers, smtp_port: int, ca: Path, timeout: float
+) -> Processor:
+    proc = Processor(live_dataset(), servers, servers, workdir, http_port=free_port())
+    proc.extra_config = _notifications(r, smtp_port, ca, workdir / "alerts.db", timeout)
+    proc.settings = {"processor": {"http_token": "env:EDGE_PROCESSOR_TOKEN"}}
+    proc.env = {
+        "EDGE_PROCESSOR_TOKEN": TOKEN,
+        "TEST_SMTP_PASSWORD": rx.SMTP_PASSWORD,
+        "TEST_SMS_TOKEN": rx.SMS_TOKEN,
+        "TEST_HOOK_SECRET": rx.WEBHOOK_SECRET,
+    }
+    create_topic(servers, proc.topics["alerts"], 2)
+    return proc
+
+
+class Alarms:
+    """Publishes alarm events to the run's alerts topic, keyed by plant as the producers do."""
+
+    def __init__(self, servers: dict[str, str], topic: str) -> None:
+        self.topic = topic
+        self._p = Producer({"bootstrap.servers": servers["KAFKA_BOOTSTRAP_SERVERS"]})
+
+    def event(
+        self, plant: str, sensor: str, state: str = "raised", level: str = "critical", n: int = 0
+    ) -> AlarmEvent:
+        cond = "HH" if level == "critical" else "H"
+        alarm_id = make_id(plant, sensor, "BOD", cond)
+        return AlarmEvent(
+            alarm_id, make_id(alarm_id, state, str(n)), sensor, plant, "BOD", cond, level,
+            state, 150.0, 100.0 if level == "critical" else 30.0, time.time(), "BOD high",
+        )  # fmt: skip
+
+    def send(self, *events: AlarmEvent) -> None:
+        for e in events:
+            self._p.produce(self.topic, e.to_json(), e.plant_id.encode())
+        assert self._p.flush(30) == 0
+
+
+def _alerts_cli(base: str, *args: str) -> Any:
+    env = {"EDGE_PROCESSOR_TOKEN": TOKEN, "EDGE_PROCESSOR_URL": base}
+    done = cli("alerts", *args, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout) if done.stdout.strip().startswith("{") else done.stdout
+
+
+@pytest.fixture
+def receivers(cert) -> Iterator[Receivers]:
+    r = Receivers(rx.SmtpReceiver(*cert).start())
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def test_alert_lifecycle_with_reminders_inhibition_actions_and_flood(
+    servers, tmp_path, cert, receivers
+):
+    r = receivers
+    proc = _processor(servers, tmp_path, r, r.smtp.port, cert[0], timeout=10.0)
+    proc.start()
+    try:
+        base = wait_serving(proc)
+        run = proc.data.run
+        main, acked, shelved, oos, flood = (f"p{run}-{n}" for n in ("a", "b", "c", "d", "f"))
+        alarms = Alarms(servers, proc.topics["alerts"])
+        first = alarms.event(main, "s1")
+        alarms.send(first, alarms.event(acked, "s1"), alarms.event(shelved, "s1"))
+        # one critical: exactly one email, one SMS, one correctly signed webhook
+        for plant in (main, acked, shelved):
+            wait_until(lambda p=plant: r.counts(p) == (1, 1, 1), 60, f"{plant}'s notifications")
+        sent_at = time.monotonic()
+        assert r.hook.refused == 0 and r.sms.refused == 0
+        # operator actions from the CLI, before the reminders are due
+        ack_id, shelve_id = alarms.event(acked, "s1").alarm_id, alarms.event(shelved, "s1").alarm_id
+        _alerts_cli(base, "ack", ack_id, "--by", "ana", "--note", "on it")
+        _alerts_cli(base, "shelve", shelve_id, "--for", "1h", "--by", "bo")
+        _alerts_cli(base, "out-of-service", "s9", "--for", "4h", "--by", "cal")
+        assert time.monotonic() - sent_at < REPEAT - 1, "the actions came too late to test"
+        # 100 repeats of the same condition (and a replay of the first event), the matching
+        # warning, an alarm of the sensor out of service, a flood of 50 on another plant
+        repeats = [alarms.event(main, "s1", "re-raised", n=i) for i in range(100)]
+        alarms.send(*repeats, first, alarms.event(main, "s1", level="warning"))
+        alarms.send(alarms.event(oos, "s9"))
+        alarms.send(*(alarms.event(flood, f"s{i}") for i in range(50)))
+        wait_until(lambda: r.counts(flood) == (1, 1, 1), 30, "the flood summary")
+        assert r.kinds(flood) == ["flood"]
+        # after the repeat interval: one reminder of the main alarm, none of the acked or shelved
+        wait_until(lambda: r.counts(main) == (2, 2, 2), REPEAT + 30, "one reminder")
+        time.sleep(2.0)  # the others' reminders would be due by now
+        assert r.counts(main) == (2, 2, 2)
+        assert r.kinds(main) == ["alert", "reminder"]  # the warning is inhibited
+        assert r.counts(acked) == r.counts(shelved) == (1, 1, 1)
+        assert r.counts(oos) == (0, 0, 0)
+        # cleared: one resolved message on each channel of the critical route
+        alarms.send(alarms.event(main, "s1", "cleared"))
+        wait_until(lambda: r.counts(main) == (3, 3, 3), 30, "the resolved message")
+        assert r.kinds(main) == ["alert", "reminder", "resolved"]
+        assert r.counts(flood) == (1, 1, 1)
+        # each action in the list with who and when
+        listing = _alerts_cli(base, "list", "--json")
+        by_id = {a["alarmId"]: a for a in listing["alerts"]}
+        assert by_id[ack_id]["ackedBy"] == "ana" and by_id[ack_id]["ackedAt"]
+        assert by_id[shelve_id]["shelvedBy"] == "bo" and by_id[shelve_id]["shelvedUntil"]
+        assert by_id[first.alarm_id]["state"] == "cleared"
+        assert [o["sensorId"] for o in listing["outOfService"]] == ["s9"]
+        history = {(h["action"], h["by"]) for h in listing["history"]}
+        assert history == {("acknowledged", "ana"), ("shelved", "bo"), ("out_of_service", "cal")}
+        assert all(h["at"] for h in listing["history"])
+        active = _alerts_cli(base, "list", "--active", "--plant", acked, "--json")
+        assert [a["alarmId"] for a in active["alerts"]] == [ack_id]
+        text = _alerts_cli(base, "list")
+        assert "acked by ana" in text
+    finally:
+        proc.stop_all()
+        proc.delete_topics()
+
+
+def _unsent(db: Path) -> int:
+    with sqlite3.connect(db) as con:
+        (n,) = con.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()
+    return int(n)
+
+
+def _stored(servers: dict[str, str], plant: str) -> int:
+    cfg = influx_config(servers)
+    flux = (
+        f'from(bucket: "{cfg.bucket}") |> range(start: -1h) |> filter(fn: (r) => '
+        f'r._measurement == "water_quality" and r.plant_id == "{plant}" and r._field == "value")'
+        " |> count()"
+    )
+    with cfg.client() as client:
+        tables = client.query_api().query(flux, org=cfg.org)
+    return sum(int(rec.get_value()) for t in tables for rec in t.records)
+
+
+def test_killed_before_sending_then_a_hanging_smtp_server(servers, tmp_path, cert):
+    hanging = rx.HangingSmtp(*cert)
+    r = Receivers(hanging)
+    proc = _processor(servers, tmp_path, r, hanging.port, cert[0], timeout=2.0)
+    try:
+        # decided, recorded, never sent: the processor dies between deciding and sending
+        held = proc.start(env={"EDGE_ALERTS_TEST_HOLD_SENDS": "1"})
+        wait_serving(proc)
+        run = proc.data.run
+        killed, later, readings = f"p{run}-k", f"p{run}-h", f"p{run}-r"
+        alarms = Alarms(servers, proc.topics["alerts"])
+        alarms.send(alarms.event(killed, "s1"))
+        wait_until(lambda: _unsent(tmp_path / "alerts.db") == 3, 60, "the decision recorded")
+        proc.kill(held)
+        assert r.counts(killed) == (0, 0, 0)
+        # restarted with an SMTP server that accepts and never answers
+        proc.start()
+        base = wait_serving(proc)
+        wait_until(lambda: r.counts(killed)[1:] == (1, 1), 60, "SMS and webhook after restart")
+        published = time.monotonic()
+        alarms.send(alarms.event(later, "s1"))
+        wait_until(lambda: r.counts(later)[1:] == (1, 1), 20, "SMS and webhook of a new alarm")
+        took = time.monotonic() - published
+        assert took < GROUP_WAIT + 1.0, f"SMS and webhook took {took:.2f} s"
+        assert hanging.accepted >= 1 and r.emails() == []
+        # the pipeline keeps storing readings meanwhile
+        producer, now = RawProducer(servers), time.time()
+        producer.send(
+            [
+                Reading(
+                    f"bod-{i % 5}",
+                    "BOD",
+                    10.0,
+                    "mg/L",
+                    now - 30 + i * 0.1,
+                    plant_id=readings,
+                    gateway_id="gw-1",
+                    seq=i,
+                )
+                for i in range(200)
+            ]
+        )
+        wait_until(lambda: _stored(servers, readings) == 200, 60, "readings stored")
+        health = _get_health(base)
+        assert health["checks"]["notifier"]["status"] == "degraded", health
+        # the server answers: each email delivered, once; nothing sent twice
+        hanging.release()
+        wait_until(lambda: r.counts(killed) == (1, 1, 1), 60, "the email of the killed run")
+        wait_until(lambda: r.counts(later) == (1, 1, 1), 60, "the email of the new alarm")
+        time.sleep(2.0)
+        assert r.counts(killed) == (1, 1, 1) and r.counts(later) == (1, 1, 1)
+        assert _unsent(tmp_path / "alerts.db") == 0
+        # and a clean restart sends nothing again
+        proc.stop(proc.procs[-1])
+        proc.procs[-1].wait(30)
+        proc.start()
+        wait_serving(proc)
+        time.sleep(3.0)
+        assert r.counts(killed) == (1, 1, 1) and r.counts(later) == (1, 1, 1)
+    finally:
+        proc.stop_all()
+        proc.delete_topics()
+        r.stop()
+
+
+def _get_health(base: str) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=10) as response:
+            return dict(json.load(response))
+    except urllib.error.HTTPError as e:
+        return dict(json.load(e))
