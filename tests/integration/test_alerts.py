@@ -9,6 +9,7 @@ own alarms take the same topic); readings go through the raw topics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient
 
 from gateway.common.alarms import make_id
 from gateway.common.model import AlarmEvent, Reading
@@ -73,12 +75,15 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return rx.make_cert(tmp_path_factory.mktemp("certs"))
 
 
-def _notifications(r: Receivers, smtp_port: int, ca: Path, state: Path, timeout: float) -> str:
+def _notifications(
+    r: Receivers, smtp_port: int, ca: Path, state: Path, actions: str, timeout: float
+) -> str:
     fast = f"timeout_seconds = {timeout}\nretry_max_seconds = 1.0\nrate_per_minute = 600.0\n"
     return f"""
 [notifications]
 enabled = true
 state_path = "{state}"
+actions_topic = "{actions}"
 group_wait = {GROUP_WAIT}
 repeat_interval = {REPEAT}
 flood_count = 10
@@ -120,7 +125,8 @@ def _processor(
     servers: dict[str, str], workdir: Path, r: Receivers, smtp_port: int, ca: Path, timeout: float
 ) -> Processor:
     proc = Processor(live_dataset(), servers, servers, workdir, http_port=free_port())
-    proc.extra_config = _notifications(r, smtp_port, ca, workdir / "alerts.db", timeout)
+    actions = f"t{proc.data.run}.alert-actions"
+    proc.extra_config = _notifications(r, smtp_port, ca, workdir / "alerts.db", actions, timeout)
     proc.settings = {"processor": {"http_token": "env:EDGE_PROCESSOR_TOKEN"}}
     proc.env = {
         "EDGE_PROCESSOR_TOKEN": TOKEN,
@@ -130,6 +136,16 @@ def _processor(
     }
     create_topic(servers, proc.topics["alerts"], 2)
     return proc
+
+
+def _end(proc: Processor) -> None:
+    """Stop the run's instances, delete its topics (the actions topic too)."""
+    proc.stop_all()
+    proc.delete_topics()
+    admin = AdminClient({"bootstrap.servers": proc.kafka["KAFKA_BOOTSTRAP_SERVERS"]})
+    for future in admin.delete_topics([f"t{proc.data.run}.alert-actions"]).values():
+        with contextlib.suppress(KafkaException):
+            future.result(30)
 
 
 class Alarms:
@@ -200,7 +216,7 @@ def test_alert_lifecycle_with_reminders_inhibition_actions_and_flood(
         repeats = [alarms.event(main, "s1", "re-raised", n=i) for i in range(100)]
         alarms.send(*repeats, first, alarms.event(main, "s1", level="warning"))
         alarms.send(alarms.event(oos, "s9"))
-        alarms.send(*(alarms.event(flood, f"s{i}") for i in range(50)))
+        alarms.send(*(alarms.event(flood, f"f{i}") for i in range(50)))
         wait_until(lambda: r.counts(flood) == (1, 1, 1), 30, "the flood summary")
         assert r.kinds(flood) == ["flood"]
         # after the repeat interval: one reminder of the main alarm, none of the acked or shelved
@@ -211,7 +227,8 @@ def test_alert_lifecycle_with_reminders_inhibition_actions_and_flood(
         assert r.counts(acked) == r.counts(shelved) == (1, 1, 1)
         assert r.counts(oos) == (0, 0, 0)
         # cleared: one resolved message on each channel of the critical route
-        alarms.send(alarms.event(main, "s1", "cleared"))
+        warning_cleared = alarms.event(main, "s1", "cleared", level="warning")
+        alarms.send(warning_cleared, alarms.event(main, "s1", "cleared"))
         wait_until(lambda: r.counts(main) == (3, 3, 3), 30, "the resolved message")
         assert r.kinds(main) == ["alert", "reminder", "resolved"]
         assert r.counts(flood) == (1, 1, 1)
@@ -230,8 +247,7 @@ def test_alert_lifecycle_with_reminders_inhibition_actions_and_flood(
         text = _alerts_cli(base, "list")
         assert "acked by ana" in text
     finally:
-        proc.stop_all()
-        proc.delete_topics()
+        _end(proc)
 
 
 def _unsent(db: Path) -> int:
@@ -312,8 +328,7 @@ def test_killed_before_sending_then_a_hanging_smtp_server(servers, tmp_path, cer
         time.sleep(3.0)
         assert r.counts(killed) == (1, 1, 1) and r.counts(later) == (1, 1, 1)
     finally:
-        proc.stop_all()
-        proc.delete_topics()
+        _end(proc)
         r.stop()
 
 

@@ -223,11 +223,13 @@ class Discipline:
                 and now >= a.notified_at + repeat
                 and not self._suppressed(a, now)
             ):
+                # never sent (it was inhibited or suppressed until now): the alert itself
+                kind: Kind = "reminder" if a.notified else "alert"
                 channels = self._channels(a)
-                nid = f"reminder:{a.alarm_id}:{a.notified_at:.3f}"
+                nid = f"{kind}:{a.alarm_id}:{a.notified_at:.3f}"
                 self._decided(a, now, sent=True)
                 if channels:
-                    out.append(self._note("reminder", nid, [a], channels))
+                    out.append(self._note(kind, nid, [a], channels))
         return out
 
     def _flood(self, plant: str, alerts: list[Alert], now: float) -> list[Notification]:

@@ -130,3 +130,35 @@ def test_a_replayed_decision_has_the_same_id() -> None:
     for d in (first, second):
         d.apply(_event(), T0)
     assert [n.id for n in first.tick(T0 + 1)] == [n.id for n in second.tick(T0 + 1)]
+
+
+def test_an_inhibited_warning_is_sent_once_its_critical_clears() -> None:
+    d = Discipline(_config())
+    d.apply(_event(), T0)
+    d.apply(_event(level="warning"), T0)
+    assert [n.level for n in d.tick(T0 + 1)] == ["critical"]
+    d.apply(_event("cleared", n=5), T0 + 5)
+    (note,) = d.tick(T0 + 61)
+    assert (note.kind, note.level, note.channels) == ("alert", "warning", ("chat",))
+
+
+def test_the_state_survives_a_restart_and_a_replay_decides_nothing_twice(tmp_path) -> None:
+    from gateway.processor.alerting.statedb import StateDb
+
+    config = _config()
+    db = StateDb(tmp_path / "alerts.db")
+    d = Discipline(config)
+    d.apply(_event(), T0)
+    notes = d.tick(T0 + 1)
+    d.ack("north-s1-BOD-HH", "ana", T0 + 2)
+    assert db.save(d, ["north-s1-HH-raised-0"], notes, T0 + 2) == 3
+    db.close()
+    db = StateDb(tmp_path / "alerts.db")
+    again = Discipline(config)
+    db.load(again)
+    assert again.alerts["north-s1-BOD-HH"].acked_by == "ana"
+    assert db.unseen(["north-s1-HH-raised-0", "other"]) == {"other"}
+    assert db.save(again, [], notes, T0 + 3) == 0
+    assert [p.id for p in db.due("sms", T0 + 3)] == ["alert:north-s1-HH-raised-0|sms"]
+    assert db.history()[0]["action"] == "acknowledged"
+    db.close()
