@@ -5,7 +5,8 @@ group of its own (``{group_id}-alerts``): one instance owns a plant's alerts at 
 instance decides its notifications. Each batch is decided and saved in one SQLite transaction
 (seen event ids, alarm state, outbox rows keyed by stable notification ids) before its offsets are
 committed: a crash replays the batch, and the replay finds its ids seen and its rows present.
-Every event is also written to InfluxDB (measurement ``alerts``; a point rewritten is stored once).
+Every event is also written to InfluxDB (measurement ``alerts``; a point rewritten is stored once),
+with a client of its own.
 
 Operator actions (ack, shelve, unshelve, out of service) are applied at once by the instance whose
 API took them and published to ``actions_topic``, which every instance follows from its start in
@@ -38,7 +39,7 @@ from gateway.processor.alerting.config import NotificationsConfig
 from gateway.processor.alerting.routing import Alert, Discipline
 from gateway.processor.alerting.senders import Senders
 from gateway.processor.alerting.statedb import StateDb
-from gateway.processor.store import InfluxStore, StoreUnavailable, alarm_line
+from gateway.processor.store import InfluxConfig, InfluxStore, StoreUnavailable, alarm_line
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ class AlertNotifier:
         *,
         alerts_topic: str,
         group_prefix: str,
-        store: InfluxStore,
-        bucket: str,
+        influx: InfluxConfig,
         metrics: Metrics,
         source: str = "config",
         on_change: AlertChanged | None = None,
@@ -70,7 +70,7 @@ class AlertNotifier:
     ) -> None:
         self.config = config
         self.alerts_topic = alerts_topic
-        self.store, self.bucket = store, bucket
+        self.store, self.bucket = InfluxStore(influx, metrics, source=source), influx.bucket
         self.on_change = on_change
         self.db = StateDb(config.state_path)
         self.discipline = Discipline(config)
@@ -116,6 +116,7 @@ class AlertNotifier:
         self.senders.stop()
         self._producer.flush(5)
         self.db.close()
+        self.store.close()
 
     def heartbeats(self) -> list[Heartbeat]:
         return [self._beat]
