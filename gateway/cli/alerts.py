@@ -105,10 +105,10 @@ def list_(
             f"{a['parameter']} {a['condition']} {a['value']}  {a['raisedAt']}  {'; '.join(notes)}"
         )
     for o in doc["outOfService"]:
-        typer.echo(f"out of service: {o['sensorId']} until {o['until']:.0f} by {o['by']}")
+        typer.echo(f"out of service: {o['sensorId']} until {o['until']} by {o['by']} at {o['at']}")
     for h in doc["history"]:
         target = h["alarmId"] or h["sensorId"]
-        typer.echo(f"history: {h['action']} {target} by {h['by']} at {h['at']:.0f} {h['note']}")
+        typer.echo(f"history: {h['action']} {target} by {h['by']} at {h['at']} {h['note']}")
 
 
 @app.command()

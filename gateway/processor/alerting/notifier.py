@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 
 from gateway.common.logs import RateLimitedLog
 from gateway.common.metrics import Metrics
-from gateway.common.model import AlarmEvent
+from gateway.common.model import AlarmEvent, format_ts
 from gateway.common.stage import Health
 from gateway.common.supervise import Heartbeat
 from gateway.processor.alerting.channels import build_channels
@@ -93,7 +93,7 @@ class AlertNotifier:
             "group.id": f"{group_prefix}-alert-actions-{uuid.uuid4().hex[:12]}",
             "auto.offset.reset": "earliest",
         }
-        self._producer = Producer({**kafka_conf, "linger.ms": 0})
+        self._producer = Producer({**kafka_conf, "linger.ms": 0, "error_cb": self._on_error})
         self._lock = threading.Lock()  # the discipline and the saves
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -278,11 +278,20 @@ class AlertNotifier:
                 if (a.active or not active) and (not plant or a.plant_id == plant)
             ]
             oos = [
-                {"sensorId": o.sensor_id, "until": o.until, "by": o.by, "at": o.at}
+                {
+                    "sensorId": o.sensor_id,
+                    "until": format_ts(o.until),
+                    "by": o.by,
+                    "at": format_ts(o.at),
+                }
                 for o in self.discipline.out_of_service.values()
                 if o.until > now
             ]
-        return {"alerts": alerts, "outOfService": oos, "history": self.db.history()}
+        history = [
+            {**h, "at": format_ts(h["at"]), "until": h["until"] and format_ts(h["until"])}
+            for h in self.db.history()
+        ]
+        return {"alerts": alerts, "outOfService": oos, "history": history}
 
     def _on_error(self, err: KafkaError) -> None:
         self._bad.warning(str(err.code()), "alert notifier: kafka: %s", err)
