@@ -107,6 +107,7 @@ class ProcessorService:
                 source=settings.source,
                 on_change=None if live is None else (lambda events: live.on_followed(events, [])),
                 metadata_refresh_ms=cfg.metadata_refresh_ms,
+                session_timeout_ms=cfg.session_timeout_ms,
             )
             if self.http is not None:
                 self.http.add_check("notifier", self.notifier.health)

@@ -67,6 +67,7 @@ class AlertNotifier:
         source: str = "config",
         on_change: AlertChanged | None = None,
         metadata_refresh_ms: int = 30_000,
+        session_timeout_ms: int = 10_000,
     ) -> None:
         self.config = config
         self.alerts_topic = alerts_topic
@@ -87,6 +88,9 @@ class AlertNotifier:
             **common,
             "group.id": f"{group_prefix}-alerts",
             "auto.offset.reset": "earliest",
+            # a dead instance's plants move to the others this soon (the processor's own setting)
+            "session.timeout.ms": session_timeout_ms,
+            "heartbeat.interval.ms": max(1000, session_timeout_ms // 5),
         }
         self._actions_conf = {
             **common,
