@@ -348,10 +348,10 @@ def test_killed_before_sending_then_a_hanging_smtp_server(servers, tmp_path, cer
         r.stop()
 
 
-def _serving(proc: Processor) -> str:
+def _serving(proc: Processor, port: int = 0) -> str:
     """Until the newest instance answers /health (the harness's wait would count the instances
     this test ended on purpose as failures)."""
-    base = f"http://127.0.0.1:{proc.http_port}"
+    base = f"http://127.0.0.1:{port or proc.http_port}"
 
     def answers() -> bool:
         if proc.procs[-1].poll() is not None:
@@ -372,3 +372,72 @@ def _get_health(base: str) -> dict[str, Any]:
             return dict(json.load(response))
     except urllib.error.HTTPError as e:
         return dict(json.load(e))
+
+
+def _owners(servers: dict[str, str], group: str) -> list[int]:
+    """Partitions each member of the consumer group has (empty while it rebalances)."""
+    admin = AdminClient({"bootstrap.servers": servers["KAFKA_BOOTSTRAP_SERVERS"]})
+    (future,) = admin.describe_consumer_groups([group]).values()
+    members = future.result(30).members
+    return [len(m.assignment.topic_partitions) for m in members]
+
+
+def _act(base: str, **doc: Any) -> dict[str, Any]:
+    request = urllib.request.Request(
+        base + "/api/alerts/action",
+        data=json.dumps(doc).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=15) as response:
+        return dict(json.load(response))
+
+
+def _listing(base: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        base + "/api/alerts", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=15) as response:
+        return dict(json.load(response))
+
+
+def test_two_instances_notify_each_alarm_once_and_share_actions(servers, tmp_path, cert, receivers):
+    r = receivers
+    proc = _processor(servers, tmp_path, r, r.smtp.port, cert[0], timeout=10.0)
+    try:
+        proc.start()
+        base_a = wait_serving(proc)
+        # a second instance: its own HTTP port and its own alert state
+        port_b = free_port()
+        own = str(tmp_path / "alerts.db")
+        proc.extra_config = proc.extra_config.replace(own, str(tmp_path / "alerts-b.db"))
+        proc.start(http_port=port_b)
+        base_b = _serving(proc, port_b)
+        group = f"{proc.group}-alerts"
+        wait_until(lambda: sorted(_owners(servers, group)) == [1, 1], 90, "both own a partition")
+        run = proc.data.run
+        plants = [f"p{run}-m{i}" for i in range(6)]
+        alarms = Alarms(servers, proc.topics["alerts"])
+        events = [alarms.event(p, "s1") for p in plants]
+        alarms.send(*events)
+        alarms.send(*events)  # a replay changes nothing
+        for p in plants:
+            wait_until(lambda p=p: r.counts(p) == (1, 1, 1), 60, f"{p}'s notifications")
+        sent_at = time.monotonic()
+        # each alarm is in the state of the instance that owns its plant, and only there
+        known_a = {a["alarmId"] for a in _listing(base_a)["alerts"]}
+        known_b = {a["alarmId"] for a in _listing(base_b)["alerts"]}
+        assert known_a | known_b == {e.alarm_id for e in events} and not known_a & known_b
+        # acknowledged through one instance, whichever owns the plant: no reminders anywhere
+        for e in events:
+            answer = _act(base_a, action="ack", id=e.alarm_id, by="ana")
+            assert answer.get("known", True) == (e.alarm_id in known_a)
+        assert time.monotonic() - sent_at < REPEAT - 1, "the acks came too late to test"
+        wait_until(
+            lambda: all(a["ackedBy"] == "ana" for a in _listing(base_b)["alerts"]),
+            30,
+            "instance B honouring the acks it was passed",
+        )
+        time.sleep(max(0.0, sent_at + REPEAT + 2.0 - time.monotonic()))
+        assert all(r.counts(p) == (1, 1, 1) for p in plants)
+    finally:
+        _end(proc)

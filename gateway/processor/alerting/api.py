@@ -42,8 +42,7 @@ def attach_api(server: HttpServer, notifier: AlertNotifier, token: bytes) -> Non
                 raise ActionError("say for how long: seconds")
             return 200, notifier.apply_action(doc)
         except ActionError as e:
-            status = 404 if str(e).startswith("no such alarm") else 400
-            return status, {"error": str(e)}
+            return 400, {"error": str(e)}
         except (orjson.JSONDecodeError, TypeError, ValueError) as e:
             return 400, {"error": f"bad request: {e}"}
 

@@ -152,7 +152,9 @@ class AlertNotifier:
                 for doc in self._decode(actions.consume(100, 0), "action"):
                     try:
                         self.apply_action(doc, publish=False)
-                    except (ActionError, KeyError, TypeError, ValueError) as e:
+                    except ActionError as e:  # an alarm of a plant another instance owns
+                        log.debug("alert action not for this instance: %s", e)
+                    except (KeyError, TypeError, ValueError) as e:
                         self._bad.warning("action", "alert actions: skipped %s: %s", doc, e)
                 events = self._events(msgs)
                 if events:
@@ -229,7 +231,8 @@ class AlertNotifier:
     def apply_action(self, doc: dict[str, Any], *, publish: bool = True) -> dict[str, Any]:
         """Apply an action (``action``: ack, shelve, unshelve, out_of_service; ``by``; ``id``
         for an alarm or ``sensorId``; ``note``; ``until`` epoch seconds) here, and with
-        ``publish`` tell every instance. Returns what it acted on; ActionError if it cannot."""
+        ``publish`` tell every instance. Returns what it acted on (``known`` false: an alarm this
+        instance has not seen, passed on to the others); ActionError if it cannot."""
         action, by = doc.get("action"), str(doc.get("by", "")).strip()
         if action not in ACTIONS:
             raise ActionError(f"action must be one of {', '.join(ACTIONS)}")
@@ -241,10 +244,10 @@ class AlertNotifier:
         with self._lock:
             if not self.db.unseen([doc["actionId"]]):
                 return {"duplicate": True}
-            result = self._act(action, doc, at)
+            result = self._act(action, doc, at, here_only=not publish)
             self.db.save(self.discipline, [doc["actionId"]], [], time.time())
         if publish:
-            key = str(result.get("plantId") or result.get("sensorId", ""))
+            key = str(result.get("plantId") or result.get("sensorId") or result.get("alarmId"))
             self._producer.produce(self.config.actions_topic, orjson.dumps(doc), key.encode())
             self._producer.flush(5)
         if self.on_change is not None and isinstance(result.get("alert"), Alert):
@@ -253,7 +256,11 @@ class AlertNotifier:
             self.on_change([_live_event(a, state, doc["actionId"], at, by)])
         return {k: (v.doc() if isinstance(v, Alert) else v) for k, v in result.items()}
 
-    def _act(self, action: str, doc: dict[str, Any], at: float) -> dict[str, Any]:
+    def _act(
+        self, action: str, doc: dict[str, Any], at: float, *, here_only: bool
+    ) -> dict[str, Any]:
+        """Apply to this instance's state. An alarm this instance does not know may be one of a
+        plant another instance owns: unless ``here_only``, it is passed on to them."""
         d = self.discipline
         if action == "out_of_service":
             sensor, until = str(doc.get("sensorId", "")), float(doc["until"])
@@ -269,7 +276,9 @@ class AlertNotifier:
         else:
             a = d.shelve(alarm_id, None, doc["by"], at)
         if a is None:
-            raise ActionError(f"no such alarm: {alarm_id}")
+            if here_only:
+                raise ActionError(f"no such alarm: {alarm_id}")
+            return {"alarmId": alarm_id, "known": False, "passedOn": True}
         return {"alert": a, "plantId": a.plant_id}
 
     def listing(self, *, active: bool = False, plant: str = "") -> dict[str, Any]:
