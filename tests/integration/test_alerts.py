@@ -255,6 +255,12 @@ def test_alert_lifecycle_with_reminders_inhibition_actions_and_flood(
         assert [a["alarmId"] for a in active["alerts"]] == [ack_id]
         text = _alerts_cli(base, "list")
         assert "acked by ana" in text
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        for channel in ("ops", "oncall", "hook"):
+            assert f'iot_notifications_sent_total{{channel="{channel}"}}' in metrics
+            assert f'iot_notification_queue_depth{{channel="{channel}"}}' in metrics
+        assert "iot_notification_oldest_unsent_seconds" in metrics
     finally:
         _end(proc)
 

@@ -162,3 +162,24 @@ def test_the_state_survives_a_restart_and_a_replay_decides_nothing_twice(tmp_pat
     assert [p.id for p in db.due("sms", T0 + 3)] == ["alert:north-s1-HH-raised-0|sms"]
     assert db.history()[0]["action"] == "acknowledged"
     db.close()
+
+
+def test_the_notifications_section_is_checked_when_loaded() -> None:
+    import pytest
+
+    from gateway.common.config import ConfigError, build
+
+    table = {
+        "enabled": True,
+        "webhook": {"chat": {"url": "http://127.0.0.1:1/", "secret": "env:HOOK"}},
+        "routes": [{"levels": ["critical"], "channels": ["chat", "pager"]}],
+    }
+    with pytest.raises(ConfigError, match="unknown channels"):
+        build(NotificationsConfig, table, source="t.toml", prefix="notifications")
+    table["routes"] = []
+    table["webhook"] = {"chat": {"url": "http://127.0.0.1:1/", "secret": "plain"}}
+    with pytest.raises(ConfigError, match="secret"):
+        build(NotificationsConfig, table, source="t.toml", prefix="notifications")
+    table["webhook"] = {"chat": {"url": "http://127.0.0.1:1/"}}
+    config = build(NotificationsConfig, table, source="t.toml", prefix="notifications")
+    assert [(r.levels, r.channels) for r in config.routes] == [(["critical"], ["chat"])]
