@@ -3,12 +3,14 @@ an SMTP server that accepts connections and never answers until released, an SMS
 speaking Twilio's form API, and a webhook receiver that checks the HMAC signature.
 
 Each records what it received; each is started with ``start()`` and stopped with ``stop()``. Run
-``python -m tests.support.receivers`` to start them all (ports and credentials are printed) until
-interrupted, e.g. for the demo.
+``python -m tests.support.receivers [--smtp-port N --sms-port N --webhook-port N --certs DIR]`` to
+start them all (ports, credentials and the CA file are printed) until interrupted, e.g. for the
+demo.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -138,8 +140,8 @@ class HangingSmtp:
 class _HttpThread:
     """An aiohttp application served on 127.0.0.1 by a thread of its own."""
 
-    def __init__(self, app: web.Application) -> None:
-        self.app, self.port = app, free_port()
+    def __init__(self, app: web.Application, port: int = 0) -> None:
+        self.app, self.port = app, port or free_port()
         self._loop = asyncio.new_event_loop()
         self._runner = web.AppRunner(app)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -192,13 +194,14 @@ class SmsGateway(_Served):
 
     sid: str = SMS_SID
     token: str = SMS_TOKEN
+    port: int = 0  # 0: a free one
     requests: list[SmsRequest] = field(default_factory=list)
     refused: int = 0
 
     def __post_init__(self) -> None:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._messages)
-        self._http = _HttpThread(app)
+        self._http = _HttpThread(app, self.port)
 
     @property
     def url(self) -> str:
@@ -235,13 +238,14 @@ class WebhookReceiver(_Served):
     ``X-Timestamp + "." + body`` under ``secret``, the timestamp within 5 minutes; else 401."""
 
     secret: str = WEBHOOK_SECRET
+    port: int = 0  # 0: a free one
     received: list[Webhook] = field(default_factory=list)
     refused: int = 0
 
     def __post_init__(self) -> None:
         app = web.Application()
         app.router.add_post("/hook", self._hook)
-        self._http = _HttpThread(app)
+        self._http = _HttpThread(app, self.port)
 
     @property
     def url(self) -> str:
@@ -264,10 +268,20 @@ class WebhookReceiver(_Served):
 
 
 def main() -> None:
-    folder = Path(tempfile.mkdtemp(prefix="receivers-"))
+    parser = argparse.ArgumentParser(description="Notification receivers on 127.0.0.1.")
+    parser.add_argument("--smtp-port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--sms-port", type=int, default=0)
+    parser.add_argument("--webhook-port", type=int, default=0)
+    parser.add_argument(
+        "--certs", type=Path, help="folder for the SMTP certificate (default: temp)"
+    )
+    args = parser.parse_args()
+    folder = args.certs or Path(tempfile.mkdtemp(prefix="receivers-"))
+    folder.mkdir(parents=True, exist_ok=True)
     cert, key = make_cert(folder)
-    smtp = SmtpReceiver(cert, key).start()
-    sms, hook = SmsGateway().start(), WebhookReceiver().start()
+    smtp = SmtpReceiver(cert, key, port=args.smtp_port).start()
+    sms = SmsGateway(port=args.sms_port).start()
+    hook = WebhookReceiver(port=args.webhook_port).start()
     print(f"smtp     127.0.0.1:{smtp.port} STARTTLS, user {SMTP_USER} password {SMTP_PASSWORD}")
     print(f"         CA file {cert}")
     print(f"sms      {sms.url} account {SMS_SID} token {SMS_TOKEN}")

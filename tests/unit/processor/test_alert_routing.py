@@ -183,3 +183,19 @@ def test_the_notifications_section_is_checked_when_loaded() -> None:
     table["webhook"] = {"chat": {"url": "http://127.0.0.1:1/"}}
     config = build(NotificationsConfig, table, source="t.toml", prefix="notifications")
     assert [(r.levels, r.channels) for r in config.routes] == [(["critical"], ["chat"])]
+
+
+def test_webhook_bodies_and_signature() -> None:
+    import hashlib
+    import hmac
+    import json
+
+    from gateway.processor.alerting.channels import Webhook, sign
+
+    doc = {"id": "alert:e1", "kind": "alert", "subject": "s", "text": "t\nline", "alerts": []}
+    slack = Webhook("chat", WebhookConfig(url="http://127.0.0.1:1/", format="slack"), "t")
+    generic = Webhook("hook", WebhookConfig(url="http://127.0.0.1:1/"), "t")
+    assert json.loads(slack.body(doc)) == {"text": "t\nline"}
+    assert json.loads(generic.body(doc)) == doc
+    expected = hmac.new(b"k", b"1700000000.{}", hashlib.sha256).hexdigest()
+    assert sign(b"k", "1700000000", b"{}") == "sha256=" + expected
