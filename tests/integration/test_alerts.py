@@ -9,6 +9,7 @@ own alarms take the same topic); readings go through the raw topics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
@@ -216,7 +218,8 @@ def test_alert_lifecycle_with_reminders_inhibition_actions_and_flood(
         assert r.hook.refused == 0 and r.sms.refused == 0
         # operator actions from the CLI, before the reminders are due
         ack_id, shelve_id = alarms.event(acked, "s1").alarm_id, alarms.event(shelved, "s1").alarm_id
-        _alerts_cli(base, "ack", ack_id, "--by", "ana", "--note", "on it")
+        acked_live = _live_after(base, acked, "ack", ack_id, "--by", "ana", "--note", "on it")
+        assert (acked_live["alarmId"], acked_live["state"]) == (ack_id, "acknowledged")
         _alerts_cli(base, "shelve", shelve_id, "--for", "1h", "--by", "bo")
         assert time.monotonic() - sent_at < REPEAT - 1, "the actions came too late to test"
         _alerts_cli(base, "out-of-service", "s9", "--for", "4h", "--by", "cal")
@@ -263,6 +266,25 @@ def test_alert_lifecycle_with_reminders_inhibition_actions_and_flood(
         assert "iot_notification_oldest_unsent_seconds" in metrics
     finally:
         _end(proc)
+
+
+def _live_after(base: str, plant: str, *action: str) -> dict[str, Any]:
+    """Runs ``edge-gateway alerts ACTION...`` while a live feed client of the plant listens; the
+    alert message the action brought to the feed."""
+
+    async def scenario() -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{base}/ws?plant={plant}&token={TOKEN}") as ws,
+        ):
+            assert (await ws.receive_json(timeout=10))["type"] == "snapshot"
+            await asyncio.to_thread(_alerts_cli, base, *action)
+            while True:
+                msg = await ws.receive_json(timeout=10)
+                if msg["type"] == "alert" and msg["state"] not in ("raised", "re-raised"):
+                    return dict(msg)
+
+    return asyncio.run(scenario())
 
 
 def _unsent(db: Path) -> int:
