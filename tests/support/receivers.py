@@ -72,17 +72,23 @@ def _authenticate(
 
 
 class SmtpReceiver:
-    """aiosmtpd requiring STARTTLS, then AUTH (``SMTP_USER``/``SMTP_PASSWORD``)."""
+    """aiosmtpd requiring STARTTLS (or, ``implicit``, TLS from the first byte), then AUTH
+    (``SMTP_USER``/``SMTP_PASSWORD``)."""
 
-    def __init__(self, cert: Path, key: Path, port: int = 0) -> None:
+    def __init__(self, cert: Path, key: Path, port: int = 0, *, implicit: bool = False) -> None:
         self.cert, self.port = cert, port or free_port()
         self.mailbox = _Mailbox()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(cert), str(key))
+        # aiosmtpd counts only STARTTLS as TLS for AUTH: over implicit TLS the whole session is
+        tls: dict[str, Any] = (
+            {"ssl_context": context, "auth_require_tls": False}
+            if implicit
+            else {"tls_context": context, "require_starttls": True, "auth_require_tls": True}
+        )
         self._controller = Controller(
-            self.mailbox, hostname="127.0.0.1", port=self.port, tls_context=context,
-            require_starttls=True, authenticator=_authenticate, auth_require_tls=True,
-            auth_required=True,
+            self.mailbox, hostname="127.0.0.1", port=self.port, authenticator=_authenticate,
+            auth_required=True, **tls,
         )  # fmt: skip
 
     @property
