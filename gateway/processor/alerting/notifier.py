@@ -200,7 +200,11 @@ class AlertNotifier:
         delay = 0.5
         while not self._stop.is_set():
             try:
-                self.store.write(self.bucket, [alarm_line(e) for e in events])
+                for refused in self.store.write(self.bucket, [alarm_line(e) for e in events]):
+                    self._bad.warning(
+                        "refused", "alert notifier: InfluxDB refused an alert (%s): %s",
+                        refused.reason, refused.detail[:200],
+                    )  # fmt: skip
                 return
             except StoreUnavailable as e:
                 self.last_error = f"InfluxDB: {e}"[:300]
