@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from gateway.cli.live import Link, LinkError, Live, connect, raw_values
+from gateway.cli.measure import PointFailed, measure, wait_for_enter
+from gateway.common.config import ConfigError
 from gateway.edge import calibrate as cal
 from gateway.edge.calibrate import CalibrationRecord, CalibrationStore, Standard
+from gateway.edge.calibrate_live import ph_raw_mv
+from gateway.edge.settings import GatewayConfig, load_gateway_config
 
 app = typer.Typer(help="Calibrate probes and show their calibration history.", no_args_is_help=True)
 
@@ -70,29 +85,260 @@ def _compute(fn: Callable[..., CalibrationRecord], *args: Any, **kwargs: Any) ->
         raise typer.BadParameter(str(e)) from None
 
 
+BUFFER_SETS = {"4.01,7.00,10.01": (7.00, 4.01, 10.01), "4.00,6.86,9.18": (6.86, 4.00, 9.18)}
+# calibration register names a profile may use -> the record's result written there
+PROBE_REGISTERS = {
+    "zero_point": "offset_mv",
+    "offset": "offset_mv",
+    "slope": "slope_mv",
+    "k": "k",
+    "b": "b",
+    "cell_constant": "cell_constant",
+}
+
+
+def _config(path: Path | None) -> GatewayConfig | None:
+    if path is None:
+        return None
+    try:
+        return load_gateway_config(path)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _store_path(store: str | None, cfg: GatewayConfig | None) -> str:
+    if store:
+        return store
+    return cfg.calibration.store if cfg is not None else DEFAULT_STORE
+
+
+def _live_points(
+    texts: list[str], what: str, with_temperature: bool = True
+) -> tuple[list[float], list[Standard]]:
+    """Split --buffer/--point/--standard values: bare numbers are measured live, NOMINAL:RAW[:T]
+    values were read by hand."""
+    live: list[float] = []
+    typed: list[Standard] = []
+    for text in texts:
+        if ":" in text:
+            typed.append(_point(text, what, with_temperature))
+            continue
+        try:
+            live.append(float(text))
+        except ValueError:
+            raise typer.BadParameter(f"{text!r}: expected NOMINAL (live) or {what}") from None
+    return live, typed
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    config: GatewayConfig | None
+    interactive: bool
+    stable_seconds: float | None
+    stable_drift: float | None
+    point_timeout: float
+    temperature: float | None
+    lots: list[str]
+
+
+def _measure_all(
+    opts: LiveOptions,
+    sensor: str,
+    nominals: list[float],
+    prompt: Callable[[float], str],
+    raw_of: Callable[[Live], float],
+    unit: str,
+    done: Callable[[list[Standard]], CalibrationRecord],
+    write_to_probe: bool,
+) -> tuple[CalibrationRecord, dict[str, Any]]:
+    """Take each point live through the gateway (or the port), then let the gateway store the
+    record; the sensor is out of service in between."""
+    cfg = opts.config
+    if cfg is None:
+        raise typer.BadParameter("a live calibration needs --config (the gateway's file)")
+    cal_cfg = cfg.calibration
+    drift = opts.stable_drift if opts.stable_drift is not None else cal_cfg.stable_drift
+    seconds = opts.stable_seconds if opts.stable_seconds is not None else cal_cfg.stable_seconds
+    try:
+        link = connect(cfg)
+    except (LinkError, ConfigError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
+    typer.echo(f"calibrating {sensor} through {link.where}")
+    try:
+        link.start(sensor)
+        typer.echo(f"{sensor} is out of service until the calibration ends")
+        points: list[Standard] = []
+        for i, nominal in enumerate(nominals):
+            got = measure(
+                link,
+                sensor,
+                prompt(nominal),
+                raw_of,
+                unit=unit,
+                drift_limit=drift,
+                seconds=seconds,
+                interactive=opts.interactive,
+                timeout=opts.point_timeout,
+            )
+            temp = opts.temperature if opts.temperature is not None else got.temperature
+            lot = opts.lots[i] if i < len(opts.lots) else ""
+            points.append(
+                Standard(nominal=nominal, raw=round(got.raw, 4), temperature=temp, lot=lot)
+            )
+        record = done(points)
+        if opts.interactive:
+            typer.echo("Rinse the probe and put it back in the process, press Enter")
+            wait_for_enter()
+        if write_to_probe and record.status != "fail":
+            record = _write_to_probe(link, record)
+        answer = link.finish(record)
+    except (PointFailed, LinkError, ValueError) as e:
+        with contextlib.suppress(LinkError):
+            link.abort(sensor)
+        typer.echo(f"calibration abandoned: {e}", err=True)
+        raise typer.Exit(4) from None
+    except BaseException:
+        with contextlib.suppress(LinkError):
+            link.abort(sensor)
+        raise
+    finally:
+        link.close()
+    return record, answer
+
+
+def _write_to_probe(link: Link, record: CalibrationRecord) -> CalibrationRecord:
+    """Write the results to the probe's calibration registers and read them back."""
+    names = link.probe(record.sensor_id, {})
+    results = record.results()
+    writes = {
+        n: results[PROBE_REGISTERS[n]]
+        for n in names
+        if n in PROBE_REGISTERS and PROBE_REGISTERS[n] in results
+    }
+    if not writes:
+        raise LinkError(f"the profile declares no calibration register for {sorted(results)}")
+    back = link.probe(record.sensor_id, writes)
+    for name, want in writes.items():
+        got = back.get(name)
+        ok = got is not None and abs(got - want) <= max(0.01 * abs(want), 0.1)
+        typer.echo(
+            f"  probe register {name}: wrote {want:g}, reads back {got}"
+            + ("" if ok else "  MISMATCH")
+        )
+        if not ok:
+            raise LinkError(f"probe register {name} reads back {got}, not {want:g}")
+    return replace(record, applied_in="probe", notes=(record.notes + " written to probe").strip())
+
+
+def _finish_live(rec: CalibrationRecord, answer: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"record": rec.to_dict(), **answer}))
+    else:
+        _print(rec)
+        typer.echo(
+            "activated: the gateway uses it from the next reading"
+            if answer.get("activated")
+            else "NOT activated"
+        )
+    if rec.status == "fail":
+        typer.echo(
+            "calibration FAILED: kept in the history, the previous one stays active", err=True
+        )
+        raise typer.Exit(1)
+
+
+Config = Annotated[
+    Path | None, typer.Option("--config", "-c", help="The gateway's config (live calibration).")
+]
+NoPrompt = Annotated[
+    bool, typer.Option("--no-prompt", help="Scripted: take each point once it is stable.")
+]
+StableSeconds = Annotated[float | None, typer.Option(help="Seconds a point must stay stable.")]
+StableDrift = Annotated[float | None, typer.Option(help="Largest drift per minute of a point.")]
+PointTimeout = Annotated[float, typer.Option(help="Seconds to wait for each stable point.")]
+Temperature = Annotated[
+    float | None, typer.Option(help="Standards' temperature, °C (default: the probe's).")
+]
+Lot = Annotated[list[str] | None, typer.Option(help="Lot of each standard, in order.")]
+WriteToProbe = Annotated[
+    bool, typer.Option(help="Write the result to the probe's calibration registers, read back.")
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
 @app.command("ph")
 def ph(
     sensor: Sensor,
-    buffer: Annotated[list[str], typer.Option(help="NOMINAL:MV[:TEMP_C], 1 to 3 times.")],
     operator: Operator,
+    buffer: Annotated[
+        list[str] | None,
+        typer.Option(help="NOMINAL to measure live, or NOMINAL:MV[:TEMP_C] read by hand."),
+    ] = None,
+    buffer_set: Annotated[str, typer.Option(help=" or ".join(BUFFER_SETS))] = "4.01,7.00,10.01",
+    points: Annotated[int, typer.Option(min=1, max=3, help="Live: 1, 2 or 3 buffers.")] = 3,
     parameter: Annotated[str, typer.Option()] = "pH",
     notes: Notes = "",
-    store: Store = DEFAULT_STORE,
+    store: Annotated[str | None, typer.Option("--store", help="Calibration store file.")] = None,
+    config: Config = None,
+    no_prompt: NoPrompt = False,
+    stable_seconds: StableSeconds = None,
+    stable_drift: StableDrift = None,
+    point_timeout: PointTimeout = 300.0,
+    temperature: Temperature = None,
+    lot: Lot = None,
+    write_to_probe: WriteToProbe = False,
+    as_json: JsonOut = False,
 ) -> None:
-    """pH calibration from electrode mV in buffers (4.01/7.00/10.01 or 6.86/9.18)."""
-    points = [_point(b, "NOMINAL:MV[:TEMP_C]") for b in buffer]
-    previous = CalibrationStore(store).active(sensor, parameter)
+    """pH calibration: live through the gateway (buffers 7.00 first, then 4.01 and 10.01, or the
+    6.86 set), or from electrode mV read by hand (--buffer NOMINAL:MV[:TEMP_C]).
+
+    Exit codes: 0 pass or warn (activated), 1 fail (recorded, not activated), 2 bad option or
+    config, 3 no gateway and no port, 4 a point was not stable in time or the gateway failed.
+    """
+    cfg = _config(config)
+    path = _store_path(store, cfg)
+    live, typed = _live_points(buffer or [], "NOMINAL:MV[:TEMP_C]")
+    if buffer_set not in BUFFER_SETS:
+        raise typer.BadParameter(f"one of {list(BUFFER_SETS)}", param_hint="--buffer-set")
+    if not buffer:
+        live = list(BUFFER_SETS[buffer_set][:points])
+    if live and typed:
+        raise typer.BadParameter("measure every buffer live or type every one, not both")
+    previous = CalibrationStore(path).active(sensor, parameter)
     slope = previous.slope_pct if previous and previous.slope_pct else 100.0
-    rec = _compute(
-        cal.calibrate_ph,
-        sensor,
-        points,
-        operator=operator,
-        parameter=parameter,
-        slope_pct=slope,
-        notes=notes,
+    due = cfg.calibration.due_for(parameter) if cfg else 30.0
+    limits = cfg.calibration.ph_limits() if cfg else None
+
+    def done(standards: list[Standard]) -> CalibrationRecord:
+        rec = cal.calibrate_ph(
+            sensor,
+            standards,
+            operator=operator,
+            parameter=parameter,
+            slope_pct=slope,
+            notes=notes,
+            due_days=due,
+            limits=limits,
+        )
+        return replace(rec, previous=previous.results()) if previous else rec
+
+    if typed:
+        _finish(path, _compute(done, typed))
+        return
+    opts = LiveOptions(
+        cfg, not no_prompt, stable_seconds, stable_drift, point_timeout, temperature, lot or []
     )
-    _finish(store, rec)
+
+    def prompt(nominal: float) -> str:
+        return f"Rinse the electrode, place it in buffer {nominal:.2f}"
+
+    def raw_of(values: Live) -> float:
+        return ph_raw_mv(raw_values(values))
+
+    rec, answer = _measure_all(opts, sensor, live, prompt, raw_of, "mV", done, write_to_probe)
+    _finish_live(rec, answer, as_json)
 
 
 @app.command("linear")
@@ -150,22 +396,154 @@ def conductivity(
     _finish(store, rec)
 
 
+def _records_store(store: str | None, config: Path | None) -> CalibrationStore:
+    return CalibrationStore(_store_path(store, _config(config)))
+
+
+def _records(
+    store: str | None, config: Path | None, sensor: str, parameter: str | None
+) -> tuple[CalibrationStore, list[CalibrationRecord]]:
+    """The store and a sensor's records, newest first; exit 1 if it has none."""
+    s = _records_store(store, config)
+    records = s.history(sensor, parameter)
+    if not records:
+        typer.echo(f"no calibration for {sensor}", err=True)
+        raise typer.Exit(1)
+    return s, records
+
+
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Calibration store file.")]
+
+
 @app.command("show")
 def show(
     sensor: Sensor,
     parameter: Annotated[str | None, typer.Option()] = None,
     history: Annotated[bool, typer.Option(help="Also show earlier calibrations.")] = False,
-    store: Store = DEFAULT_STORE,
+    store: StoreOpt = None,
+    config: Config = None,
+    as_json: JsonOut = False,
 ) -> None:
-    """Show a sensor's active calibration per parameter (and the history)."""
-    s = CalibrationStore(store)
-    records = s.history(sensor, parameter)
-    if not records:
-        typer.echo(f"no calibration for {sensor}", err=True)
-        raise typer.Exit(1)
+    """Show a sensor's active calibration per parameter (and the history).
+
+    Exit codes: 0 shown, 1 no calibration for the sensor, 2 bad config.
+    """
+    s, records = _records(store, config, sensor, parameter)
+    shown = []
     for rec in records:
         active = s.active(rec.sensor_id, rec.parameter)
         is_active = active is not None and active.id == rec.id
         if is_active or history:
-            typer.echo("[active] " if is_active else "[history] ", nl=False)
-            _print(rec)
+            shown.append({**rec.to_dict(), "active": is_active})
+            if not as_json:
+                typer.echo("[active] " if is_active else "[history] ", nl=False)
+                _print(rec)
+    if as_json:
+        typer.echo(json.dumps(shown))
+
+
+@app.command("history")
+def history(
+    sensor: Sensor,
+    parameter: Annotated[str | None, typer.Option()] = None,
+    store: StoreOpt = None,
+    config: Config = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Every calibration of a sensor, newest first, as a table (drift between them shows).
+
+    Exit codes: 0 shown, 1 no calibration for the sensor, 2 bad config.
+    """
+    s, records = _records(store, config, sensor, parameter)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in records]))
+        return
+    table = Table("when (UTC)", "parameter", "method", "operator", "status", "results", "active")
+    for rec in records:
+        active = s.active(rec.sensor_id, rec.parameter)
+        results = ", ".join(f"{k} {v:g}" for k, v in rec.results().items())
+        mark = "yes" if active is not None and active.id == rec.id else ""
+        table.add_row(
+            _when(rec.calibrated_at),
+            rec.parameter,
+            rec.method,
+            rec.operator,
+            rec.status,
+            results,
+            mark,
+        )
+    Console().print(table)
+
+
+CSV_FIELDS = tuple(f.name for f in dataclasses.fields(CalibrationRecord))
+
+
+@app.command("export")
+def export(
+    fmt: Annotated[str, typer.Option("--format", help="csv or json")] = "csv",
+    sensor: Annotated[str | None, typer.Option("--sensor", help="Only this sensor.")] = None,
+    store: StoreOpt = None,
+    config: Config = None,
+) -> None:
+    """Every calibration record (all sensors, or one) to standard output, newest first.
+
+    Exit codes: 0 exported, 2 bad option or config.
+    """
+    if fmt not in ("csv", "json"):
+        raise typer.BadParameter("csv or json", param_hint="--format")
+    s = _records_store(store, config)
+    records = s.history(sensor) if sensor else s.everything()
+    if fmt == "json":
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=1))
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for rec in records:
+        row = rec.to_dict()
+        row["standards"] = json.dumps(row["standards"])
+        row["previous"] = json.dumps(row["previous"])
+        writer.writerow(row)
+    typer.echo(out.getvalue(), nl=False)
+
+
+@app.command("due")
+def due(
+    within: Annotated[float, typer.Option(help="Also list those due within DAYS.")] = 0.0,
+    store: StoreOpt = None,
+    config: Config = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Active calibrations that are overdue (or due within --within days), for a cron job.
+
+    Exit codes: 0 nothing overdue, 1 something overdue, 2 bad config.
+    """
+    s = _records_store(store, config)
+    now = time.time()
+    rows: list[dict[str, Any]] = []
+    for rec in sorted(s.all_active(), key=lambda r: r.due_at or 0.0):
+        if rec.due_at is None or rec.due_at > now + within * 86400.0:
+            continue
+        rows.append(
+            {
+                "sensor": rec.sensor_id,
+                "parameter": rec.parameter,
+                "dueAt": rec.due_at,
+                "overdue": rec.due_at < now,
+                "id": rec.id,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows))
+    else:
+        table = Table("sensor", "parameter", "due (UTC)", "state")
+        for r in rows:
+            table.add_row(
+                r["sensor"],
+                r["parameter"],
+                _when(r["dueAt"]),
+                "OVERDUE" if r["overdue"] else "due soon",
+            )
+        Console().print(table if rows else "nothing due")
+    if any(r["overdue"] for r in rows):
+        raise typer.Exit(1)

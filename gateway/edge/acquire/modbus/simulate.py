@@ -4,7 +4,9 @@ Each ``SimSlave`` is one probe (a profile and a unit id); one server carries sev
 bus does. Values follow a scenario from the profile's nominal values and are encoded with
 ``registers.py``; faults (no answer, corrupt CRC, exception, NaN, sentinel, status bits) can be
 changed at any time: assign ``slave.fault`` in-process, or write a control file (JSON
-``{"<unit>": {"fault": ..., "scenario": ...}}``) that the server rereads when it changes.
+``{"<unit>": {"fault": ..., "scenario": ..., "values": {"<value name>": number}}}``) that the
+server rereads when it changes. ``values`` pins a value (e.g. the electrode mV of a pH probe put
+in a buffer) instead of its scenario; ``{}`` lets the scenario take over again.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class SimSlave:
     # rate, as on a noisy RS-485 line (a master must wait for silence before its next request).
     noise_bytes: int = 0
     fault_answers: int = 0  # answers the fault spoils before it clears by itself; 0: until changed
+    pinned: dict[str, float] = field(default_factory=dict)  # value name -> number, no scenario
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS or self.fault not in FAULTS:
@@ -95,7 +98,10 @@ class SimSlave:
             for i, r in enumerate(encode(raw, c.type, c.word_order)):
                 img[c.table, c.address + i] = r
         for v in self.profile.values:
-            regs, decimals = self._encode_value(v, self.value_at(v.nominal, t))
+            number = self.pinned.get(v.name)
+            if number is None:
+                number = self.value_at(v.nominal, t)
+            regs, decimals = self._encode_value(v, number)
             for i, r in enumerate(regs):
                 img[v.table, v.address + i] = r
             if v.decimals_register is not None:
@@ -172,7 +178,7 @@ class SimBus:
         if len(self.slaves) != len(slaves):
             raise ValueError("two simulated slaves share a unit id")
         self.control = Path(control) if control else None
-        self._control_mtime = 0.0
+        self._control_mtime: tuple[int, int, int] | None = None
 
     def slave(self, unit: int) -> SimSlave | None:
         self._reload()
@@ -184,7 +190,8 @@ class SimBus:
         try:
             if not self.control.exists():
                 return
-            mtime = self.control.stat().st_mtime
+            st = self.control.stat()
+            mtime = (st.st_mtime_ns, st.st_size, st.st_ino)  # a rename-over changes the inode
             if mtime == self._control_mtime:
                 return
             self._control_mtime = mtime
@@ -195,8 +202,12 @@ class SimBus:
                     raise ValueError(
                         f"unit {unit}: unknown fault {fault!r} or scenario {scenario!r}"
                     )
+                values = change.get("values", s.pinned)
+                if not isinstance(values, dict):
+                    raise ValueError(f"unit {unit}: values must be an object, not {values!r}")
                 s.fault, s.scenario = fault, scenario
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+                s.pinned = {str(k): float(v) for k, v in values.items()}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             log.warning("control file %s ignored: %s", self.control, e)
 
 
