@@ -13,7 +13,7 @@ app = typer.Typer(
     name="edge-gateway",
     help="Edge gateway for wastewater treatment plant probes, and its central processor.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
 )
 
 
@@ -52,3 +52,7 @@ app.add_typer(config_app, name="config")
 from gateway.cli import init  # noqa: E402
 
 app.command("init")(init.init)
+
+from gateway.cli import diag  # noqa: E402
+
+app.add_typer(diag.app, name="diag")
