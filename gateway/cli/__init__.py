@@ -37,7 +37,7 @@ def main() -> None:
 
 
 # Command groups register themselves on ``app`` here, after it exists.
-from gateway.cli import calibrate, ml, processor, query, run, simulate  # noqa: E402
+from gateway.cli import calibrate, configcheck, ml, processor, query, run, simulate  # noqa: E402
 
 app.add_typer(calibrate.app, name="calibrate")
 app.command("simulate")(simulate.simulate)
@@ -46,7 +46,7 @@ app.add_typer(query.app, name="query")
 app.add_typer(ml.app, name="ml")
 app.command("run")(run.run)
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
-config_app.command("check")(run.check)
+config_app.command("check")(configcheck.check)
 app.add_typer(config_app, name="config")
 
 from gateway.cli import init  # noqa: E402
