@@ -53,6 +53,8 @@ from gateway.cli import init  # noqa: E402
 
 app.command("init")(init.init)
 
-from gateway.cli import diag  # noqa: E402
+from gateway.cli import buffer, deadletter, diag  # noqa: E402
 
 app.add_typer(diag.app, name="diag")
+app.add_typer(buffer.app, name="buffer")
+app.add_typer(deadletter.app, name="deadletter")

@@ -18,13 +18,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gateway.cli import stores
 from gateway.cli.live import Link, LinkError, Live, connect, raw_values
 from gateway.cli.measure import PointFailed, measure, wait_for_enter
 from gateway.common.config import ConfigError
 from gateway.edge import calibrate as cal
 from gateway.edge.calibrate import CalibrationRecord, CalibrationStore, Standard
 from gateway.edge.calibrate_live import ph_raw_mv
-from gateway.edge.settings import GatewayConfig, load_gateway_config
+from gateway.edge.settings import GatewayConfig
 
 app = typer.Typer(help="Calibrate probes and show their calibration history.", no_args_is_help=True)
 
@@ -98,13 +99,7 @@ PROBE_REGISTERS = {
 
 
 def _config(path: Path | None) -> GatewayConfig | None:
-    if path is None:
-        return None
-    try:
-        return load_gateway_config(path)
-    except ConfigError as e:
-        typer.echo(f"config error: {e}", err=True)
-        raise typer.Exit(2) from None
+    return None if path is None else stores.load(path)
 
 
 def _store_path(store: str | None, cfg: GatewayConfig | None) -> str:

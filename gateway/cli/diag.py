@@ -22,12 +22,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from gateway.cli import stores
 from gateway.common.config import ConfigError
 from gateway.edge.acquire.modbus import scan as scanning
 from gateway.edge.acquire.modbus.frames import ModbusError
 from gateway.edge.acquire.modbus.profiles import Profile, SerialDefaults, load_profile
 from gateway.edge.acquire.modbus.registers import decode_value, every_decoding
-from gateway.edge.settings import GatewayConfig, load_gateway_config
+from gateway.edge.settings import GatewayConfig
 
 app = typer.Typer(
     help="Diagnose buses, probes, brokers and a running gateway.", no_args_is_help=True
@@ -287,8 +288,7 @@ def poll(
     """
     if config is not None and sensor is not None:
         try:
-            cfg = load_gateway_config(config)
-            port_, line, unit_, prof, timeout = _device_of(cfg, sensor)
+            port_, line, unit_, prof, timeout = _device_of(stores.load(config), sensor)
         except ConfigError as e:
             raise _fail(str(e), 2) from None
     elif profile is not None and port is not None:
@@ -358,10 +358,7 @@ def health(
 def _daemon_url(config: Path) -> str:
     from gateway.edge.calibration_api import api_file
 
-    try:
-        cfg = load_gateway_config(config)
-    except ConfigError as e:
-        raise _fail(str(e), 2) from None
+    cfg = stores.load(config)
     try:
         return str(json.loads(api_file(cfg.calibration.store).read_text())["url"])
     except (OSError, ValueError, KeyError):
