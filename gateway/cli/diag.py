@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from gateway.cli import stores
+from gateway.cli import diag_brokers, stores
 from gateway.common.config import ConfigError
 from gateway.edge.acquire.modbus import scan as scanning
 from gateway.edge.acquire.modbus.frames import ModbusError
@@ -363,3 +363,10 @@ def _daemon_url(config: Path) -> str:
         return str(json.loads(api_file(cfg.calibration.store).read_text())["url"])
     except (OSError, ValueError, KeyError):
         return f"http://{cfg.http.host}:{cfg.http.port}"
+
+
+# --- brokers -------------------------------------------------------------------------------------
+
+app.command("mqtt")(diag_brokers.mqtt)
+app.command("kafka")(diag_brokers.kafka)
+app.command("influx")(diag_brokers.influx)
