@@ -168,15 +168,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def connect(config: GatewayConfig) -> Link:
-    """The running daemon's API if its file names a live process, else the port directly."""
+def daemon_api(config: GatewayConfig) -> tuple[str, str] | None:
+    """(url, token) of the running daemon's API, if its file names a live process."""
     path = api_file(config.calibration.store)
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        doc = None
+        return None
     except (OSError, ValueError) as e:
         raise LinkError(f"{path}: cannot read the gateway's API file ({e})") from None
-    if doc and _alive(int(doc.get("pid", 0))):
-        return DaemonLink(doc["url"], doc["token"])
-    return LocalLink(config)
+    if not _alive(int(doc.get("pid", 0))):
+        return None
+    return str(doc["url"]), str(doc["token"])
+
+
+def connect(config: GatewayConfig) -> Link:
+    """The running daemon's API if there is one, else the port directly."""
+    api = daemon_api(config)
+    return DaemonLink(*api) if api else LocalLink(config)

@@ -155,13 +155,140 @@ def test_live_ph_calibration_through_the_running_gateway(pty_pair: Any, tmp_path
 
             # The history keeps both, newest first; show names the active one.
             shown = subprocess.run(
-                [sys.executable, "-m", "gateway", "calibrate", "history", "--config", str(config),
-                 "--sensor", "ph-1", "--json"],
-                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "calibrate",
+                    "history",
+                    "--config",
+                    str(config),
+                    "--sensor",
+                    "ph-1",
+                    "--json",
+                ],
+                cwd=ROOT,
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert shown.returncode == 0, shown.stderr
             history = json.loads(shown.stdout)
             assert [h["status"] for h in history] == ["fail", "pass"]
             assert gw.proc.pid == pid and gw.starts == 1
         finally:
             gw.close()
+
+
+def scripted(args: list[str], on_prompt: Any) -> tuple[int, str]:
+    """Run a calibration with --no-prompt; ``on_prompt(line)`` acts on each prompt it prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args, "--no-prompt"],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = ""
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out += line
+            on_prompt(line)
+        return proc.wait(60), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_without_a_gateway_the_cli_opens_the_port_and_writes_to_the_probe(
+    pty_pair: Any, tmp_path: Path
+) -> None:
+    control = tmp_path / "control.json"
+    electrode = Electrode(control, unit=1, slope=56.2, offset=12.0)
+    electrode.put_in(7.0)
+    probes = [*PH_PROBE, ("drivers/conductivity-tds.toml", 3, "cond-1", "conductivity")]
+    setup = GatewaySetup(tmp_path, UNREACHABLE_KAFKA, pty=pty_pair.a, probes=probes, interval=0.25)
+    config = setup.write()
+    with Simulator(pty_pair.b, probes, "--control", str(control)):
+
+        def buffers(line: str) -> None:
+            if "place it in buffer" in line:
+                electrode.put_in(float(line.split("buffer ")[1].split()[0]))
+
+        args = [
+            "calibrate",
+            "ph",
+            "--config",
+            str(config),
+            "--sensor",
+            "ph-1",
+            "--operator",
+            "cy",
+            "--points",
+            "2",
+            "--stable-seconds",
+            "1",
+            "--write-to-probe",
+            "--json",
+        ]
+        code, out = scripted(args, buffers)
+        assert code == 0, out
+        assert "the serial port directly" in out
+        rec = json.loads(out[out.index('{"record"') :].split("\n")[0])["record"]
+        assert rec["applied_in"] == "probe" and rec["status"] == "pass"
+        assert "probe register slope: wrote" in out and "MISMATCH" not in out
+        # The probe keeps what was written: zero point and slope in its registers 3 and 4.
+        regs = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "diag",
+                "read",
+                "--port",
+                pty_pair.a,
+                "--unit",
+                "1",
+                "--address",
+                "3",
+                "--count",
+                "2",
+                "--json",
+            ],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert regs.returncode == 0, regs.stderr
+        values = [r["value"] for r in json.loads(regs.stdout)["registers"]]
+        assert abs(values[0] * 0.1 - 12.0) <= 0.2 and abs(values[1] * 0.01 - 56.2) <= 0.1
+
+        # Conductivity: the cell reads 1300 µS in KCl 1413 µS/cm at 25 °C.
+        control.write_text(
+            json.dumps({"3": {"values": {"conductivity": 1300.0, "temperature": 25.0}}})
+        )
+        args = [
+            "calibrate",
+            "conductivity",
+            "--config",
+            str(config),
+            "--sensor",
+            "cond-1",
+            "--operator",
+            "cy",
+            "--standard",
+            "1413",
+            "--stable-seconds",
+            "1",
+            "--json",
+        ]
+        code, out = scripted(args, lambda _line: None)
+        assert code == 0, out
+        cond = json.loads(out[out.index('{"record"') :].split("\n")[0])["record"]
+        assert abs(cond["cell_constant"] - 1413 / 1300) < 1e-3, cond
