@@ -9,9 +9,17 @@ import typer
 
 from gateway import __version__
 
+EXIT_CODES = (
+    "Exit codes (each command's --help says which it uses): 0 done / healthy / valid; 1 a check "
+    "failed, nothing found, a calibration failed, or a question answered no; 2 bad option, "
+    "config or profile; 3 a port, broker or gateway cannot be reached; 4 a live calibration was "
+    "abandoned (a point not stable in time, the gateway failed)."
+)
+
 app = typer.Typer(
     name="edge-gateway",
     help="Edge gateway for wastewater treatment plant probes, and its central processor.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=True,
 )

@@ -36,7 +36,12 @@ from gateway.edge.buffer import ROW_OVERHEAD
 from gateway.edge.forward import HEADERS, topic_for
 
 log = logging.getLogger("gateway.cli.buffer")
-app = typer.Typer(help="Inspect, export, replay and purge the disk buffer.", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect, export, replay and purge the disk buffer.",
+    epilog="Exit codes: 0 done; 1 nothing there, refused, not confirmed, or Kafka did not "
+    "confirm every row; 2 bad option or config.",
+    no_args_is_help=True,
+)
 Plant = Annotated[str | None, typer.Option("--plant", help="Only this plant's rows.")]
 
 

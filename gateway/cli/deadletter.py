@@ -46,7 +46,12 @@ from gateway.edge.calibration_api import api_file
 from gateway.edge.settings import GatewayConfig
 
 log = logging.getLogger("gateway.cli.deadletter")
-app = typer.Typer(help="List, show, export, retry and purge dead letters.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, show, export, retry and purge dead letters.",
+    epilog="Exit codes: 0 done; 1 nothing matches, refused or not confirmed; 2 bad option or "
+    "config; 3 the gateway (or the buffer) did not take the retried readings.",
+    no_args_is_help=True,
+)
 COLUMNS = "id, ts, source, topic, reason, detail, size, payload"
 Source = Annotated[str | None, typer.Option(help="Only from this source (mqtt, http, kafka).")]
 

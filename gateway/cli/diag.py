@@ -31,7 +31,11 @@ from gateway.edge.acquire.modbus.registers import decode_value, every_decoding
 from gateway.edge.settings import GatewayConfig
 
 app = typer.Typer(
-    help="Diagnose buses, probes, brokers and a running gateway.", no_args_is_help=True
+    help="Diagnose buses, probes, brokers and a running gateway.",
+    epilog="Exit codes: 0 done and healthy (scan: something answered); 1 nothing found, a read "
+    "failed, a value not good, a check failed; 2 bad option, profile or config; 3 the port or "
+    "the gateway cannot be reached.",
+    no_args_is_help=True,
 )
 
 Port = Annotated[str, typer.Option("--port", help="Serial port, e.g. /dev/ttyUSB0.")]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gateway.edge.deadletter import DeadLetterStore
 from tests.support.electrode import Electrode, Terminal
 from tests.support.gateway_harness import ENV, Gateway, GatewaySetup, Simulator
 from tests.support.services import ROOT
@@ -37,6 +38,17 @@ def live(gw: Gateway, token: str, sensor: str = "ph-1") -> dict[str, Any]:
     with urllib.request.urlopen(req, timeout=10) as r:
         doc: dict[str, Any] = json.loads(r.read())
     return doc
+
+
+def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def ph_alarms(gw: Gateway) -> float:
@@ -69,9 +81,11 @@ def test_live_ph_calibration_through_the_running_gateway(pty_pair: Any, tmp_path
     setup = GatewaySetup(
         tmp_path, UNREACHABLE_KAFKA, pty=pty_pair.a, probes=PH_PROBE, interval=0.25
     )
+    setup.extra = {"http": {"token": "env:TEST_INGEST_TOKEN"}}  # for deadletter retry below
     config = setup.write()
     api = tmp_path / "gateway-api.json"
-    gw = Gateway(config, tmp_path / "logs")
+    env = {**ENV, "TEST_INGEST_TOKEN": "s3cret-ingest"}
+    gw = Gateway(config, tmp_path / "logs", env)
     with Simulator(pty_pair.b, setup.probes, "--control", str(control)):
         try:
             gw.start()
@@ -90,6 +104,8 @@ def test_live_ph_calibration_through_the_running_gateway(pty_pair: Any, tmp_path
             try:
                 term.expect("out of service")
                 assert live(gw, token)["outOfService"]
+                _status, health = gw.health()
+                assert health["checks"]["calibration"]["outOfService"] == ["ph-1"]
                 calibrate_interactively(term, electrode)
                 assert term.wait(60) == 0, term.text
             finally:
@@ -177,6 +193,34 @@ def test_live_ph_calibration_through_the_running_gateway(pty_pair: Any, tmp_path
             history = json.loads(shown.stdout)
             assert [h["status"] for h in history] == ["fail", "pass"]
             assert gw.proc.pid == pid and gw.starts == 1
+
+            # diag health: the daemon's /health (Kafka is unreachable here: exit 1).
+            health_cli = cli(["diag", "health", "--config", str(config), "--json"], env)
+            assert health_cli.returncode == 1, health_cli.stderr
+            checks = json.loads(health_cli.stdout)["checks"]
+            assert checks["calibration"]["status"] == "healthy"
+            assert checks["kafka"]["status"] != "healthy"
+
+            # deadletter retry goes through the running gateway's ingest (it owns the buffer).
+            store = DeadLetterStore(tmp_path / "deadletter.db")
+            fixed = {
+                "sensorId": "cod-7",
+                "parameter": "COD",
+                "value": 55.0,
+                "unit": "mg/L",
+                "timestamp": "2026-12-07T04:00:00Z",
+                "plantId": setup.plant,
+            }
+            try:
+                store.add("mqtt", "t/x", "late", json.dumps(fixed).encode(), "test")
+                (letter,) = store.list()
+            finally:
+                store.close()
+            retried = cli(["deadletter", "retry", "--config", str(config), str(letter.id)], env)
+            assert retried.returncode == 0, retried.stderr
+            assert "through the running gateway" in retried.stdout
+            got = live(gw, token, "cod-7")["readings"]["COD"]
+            assert got["value"] == 55.0
         finally:
             gw.close()
 
