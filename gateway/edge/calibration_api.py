@@ -19,8 +19,10 @@ calibrate. Nothing else in the daemon changes hands:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -32,7 +34,13 @@ from gateway.common.http import Answer, HttpServer, Route
 from gateway.edge.acquire.modbus.engine import ModbusEngine
 from gateway.edge.acquire.modbus.profiles import CalibrationRegister
 from gateway.edge.acquire.modbus.registers import decode, encode, width
-from gateway.edge.calibrate import CalibrationRecord, CalibrationStore
+from gateway.edge.calibrate import (
+    CONDUCTIVITY_METHODS,
+    LINEAR_METHODS,
+    PH_METHODS,
+    CalibrationRecord,
+    CalibrationStore,
+)
 from gateway.edge.pipeline import EdgePipeline
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,45 @@ def register_number(reg: CalibrationRegister, regs: list[int]) -> float | None:
     return raw * reg.scale + reg.offset if isinstance(raw, int | float) else None
 
 
+NUMBERS = (
+    "calibrated_at",
+    "slope_mv",
+    "slope_pct",
+    "offset_mv",
+    "k",
+    "b",
+    "cell_constant",
+    "alpha",
+    "tds_factor",
+    "r2",
+    "due_at",
+)
+
+
+def _number(x: Any, optional: bool = True) -> bool:
+    if x is None:
+        return optional
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def record_problem(rec: CalibrationRecord) -> str:
+    """What makes a record from a client unfit to correct readings with ("" if nothing): the
+    pipeline applies it to every reading, so it must hold numbers where numbers go."""
+    if rec.method not in (*PH_METHODS, *LINEAR_METHODS, *CONDUCTIVITY_METHODS):
+        return f"unknown method {rec.method!r}"
+    if rec.status not in ("pass", "warn", "fail") or rec.applied_in not in ("gateway", "probe"):
+        return "status must be pass, warn or fail; applied_in gateway or probe"
+    bad = [n for n in NUMBERS if not _number(getattr(rec, n), n != "calibrated_at")]
+    if bad:
+        return f"not finite numbers: {bad}"
+    for s in rec.standards:
+        if not (_number(s.nominal, False) and _number(s.raw, False) and _number(s.temperature)):
+            return "each standard needs a numeric nominal and raw"
+    if not isinstance(rec.previous, dict) or not all(_number(v) for v in rec.previous.values()):
+        return "previous: an object of numbers"
+    return ""
+
+
 @dataclass
 class CalibrationApi:
     pipeline: EdgePipeline
@@ -95,7 +142,8 @@ class CalibrationApi:
         """Write the API file (0600, atomically) once the server listens."""
         path = api_file(store_path)
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp.unlink(missing_ok=True)  # O_CREAT keeps an old file's mode: start afresh
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"url": f"http://{host}:{port}", "token": self.token, "pid": os.getpid()}, f)
         os.replace(tmp, path)
@@ -107,9 +155,10 @@ class CalibrationApi:
         sensor = query.get("sensor", "")
         if not sensor:
             return 400, {"error": "give ?sensor=SENSOR_ID"}
-        readings = {
-            p: reading_view(r) for (s, p), r in list(self.pipeline.latest.items()) if s == sensor
-        }
+        latest = await asyncio.get_running_loop().run_in_executor(
+            None, self.pipeline.latest_of, sensor
+        )  # the pipeline's lock may be held for a batch: not on the event loop
+        readings = {p: reading_view(r) for p, r in latest.items()}
         return 200, {
             "sensor": sensor,
             "outOfService": sensor in self.pipeline.out_of_service(),
@@ -142,14 +191,20 @@ class CalibrationApi:
             return 400, {"error": f"record: not a calibration record ({e})"[:300]}
         if record.sensor_id != sensor:
             return 400, {"error": f"record is for {record.sensor_id!r}, not {sensor!r}"}
+        problem = record_problem(record)
+        if problem:
+            return 400, {"error": f"record: {problem}"}
         saved = self.store.save(record)  # reloads: the next reading uses it
         self.pipeline.return_to_service(sensor)
         activated = saved.status != "fail"
         log.info(
             "calibration %s of %s %s: %s, %s",
-            saved.id, sensor, saved.parameter, saved.status,
+            saved.id,
+            sensor,
+            saved.parameter,
+            saved.status,
             "active now" if activated else "kept in the history, not activated",
-        )  # fmt: skip
+        )
         return 200, {"id": saved.id, "status": saved.status, "activated": activated}
 
     def probe(self, body: bytes) -> Answer:

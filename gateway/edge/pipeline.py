@@ -60,6 +60,11 @@ class EdgePipeline:
         with self._lock:
             self._out_of_service.pop(sensor_id, None)
 
+    def latest_of(self, sensor_id: str) -> dict[str, Reading]:
+        """The sensor's latest reading per parameter (a copy, taken under the lock)."""
+        with self._lock:
+            return {p: r for (s, p), r in self.latest.items() if s == sensor_id}
+
     def out_of_service(self) -> list[str]:
         now = time.monotonic()
         return sorted(s for s, until in self._out_of_service.items() if until > now)

@@ -179,3 +179,30 @@ def test_regression_due_and_export_commands(tmp_path: Path) -> None:
     assert json.loads(
         run(app, ["calibrate", "export", "--store", store, "--format", "json"]).stdout
     )[0]["sensor_id"] in ("uv-1", "ph-1")
+
+
+def test_the_daemon_api_refuses_records_it_could_not_apply(tmp_path: Path) -> None:
+    from gateway.common.metrics import Metrics
+    from gateway.edge.acquire.modbus.engine import ModbusConfig, ModbusEngine
+    from gateway.edge.calibration_api import CalibrationApi
+
+    pipeline, store = _pipeline(tmp_path)
+    engine = ModbusEngine(ModbusConfig(), lambda *a, **k: None, Metrics())
+    api = CalibrationApi(pipeline, store, engine, session_timeout=60)
+    assert api.start(b'{"sensor": "ph-1"}')[0] == 200
+    assert pipeline.out_of_service() == ["ph-1"]
+    good = calibrate_ph("ph-1", [Standard(7.0, 3.0), Standard(4.01, 170.0)], operator="a")
+    bad = {**good.to_dict(), "slope_pct": "ninety"}
+    for body in (
+        b"{",
+        b'{"sensor": 3}',
+        json.dumps({"sensor": "ph-1", "record": bad}).encode(),
+        json.dumps({"sensor": "other", "record": good.to_dict()}).encode(),
+    ):
+        status, doc = api.finish(body)
+        assert status == 400, doc
+    assert store.active("ph-1", "pH") is None and pipeline.out_of_service() == ["ph-1"]
+    status, doc = api.finish(json.dumps({"sensor": "ph-1", "record": good.to_dict()}).encode())
+    assert status == 200 and doc["activated"]
+    assert store.active("ph-1", "pH") == good and pipeline.out_of_service() == []
+    assert api.probe(b'{"sensor": "ph-1"}')[0] == 404  # not a Modbus device here
