@@ -39,6 +39,8 @@ BUFFER_TABLES: dict[float, tuple[float, ...]] = {
     10.01: (10.32, 10.25, 10.18, 10.12, 10.06, 10.01, 9.97, 9.93, 9.89, 9.86, 9.83),
 }
 
+# a record's results: the numbers worth comparing between calibrations
+RESULTS = ("slope_mv", "slope_pct", "offset_mv", "k", "b", "cell_constant", "tds_factor", "r2")
 PH_METHODS = ("ph_1point", "ph_2point", "ph_3point")
 LINEAR_METHODS = ("zero", "zero_span", "regression")
 CONDUCTIVITY_METHODS = ("cell_constant",)
@@ -111,17 +113,7 @@ class CalibrationRecord:
 
     def results(self) -> dict[str, float]:
         """The numbers worth comparing between calibrations (drift tracking)."""
-        names = (
-            "slope_mv",
-            "slope_pct",
-            "offset_mv",
-            "k",
-            "b",
-            "cell_constant",
-            "tds_factor",
-            "r2",
-        )
-        return {n: v for n in names if (v := getattr(self, n)) is not None}
+        return {n: v for n in RESULTS if (v := getattr(self, n)) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,6 +38,7 @@ from gateway.edge.calibrate import (
     CONDUCTIVITY_METHODS,
     LINEAR_METHODS,
     PH_METHODS,
+    RESULTS,
     CalibrationRecord,
     CalibrationStore,
 )
@@ -76,19 +77,7 @@ def register_number(reg: CalibrationRegister, regs: list[int]) -> float | None:
     return raw * reg.scale + reg.offset if isinstance(raw, int | float) else None
 
 
-NUMBERS = (
-    "calibrated_at",
-    "slope_mv",
-    "slope_pct",
-    "offset_mv",
-    "k",
-    "b",
-    "cell_constant",
-    "alpha",
-    "tds_factor",
-    "r2",
-    "due_at",
-)
+NUMBERS = ("calibrated_at", *RESULTS, "alpha", "due_at")
 
 
 def _number(x: Any, optional: bool = True) -> bool:
