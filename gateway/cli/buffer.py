@@ -54,7 +54,10 @@ def _where(plant: str | None, since: str | None, until: str | None) -> tuple[str
 
 @app.command("stats")
 def stats(config: Config, as_json: JsonOut = False) -> None:
-    """Depth, bytes and the oldest row's age per plant."""
+    """Depth, bytes and the oldest row's age per plant.
+
+    Exit codes: 0 shown, 1 no buffer file, 2 bad config.
+    """
     cfg = load(config)
     now = time.time()
     with connect(cfg.buffer.path) as con:
@@ -95,7 +98,10 @@ def peek(
     plant: Plant = None,
     as_json: JsonOut = False,
 ) -> None:
-    """The oldest (next to be forwarded) or newest rows."""
+    """The oldest (next to be forwarded) or newest rows.
+
+    Exit codes: 0 shown, 1 no buffer file, 2 bad option or config.
+    """
     cfg = load(config)
     clause, params = _where(plant, None, None)
     with connect(cfg.buffer.path) as con:
@@ -129,7 +135,10 @@ def export(
     until: Until = None,
     plant: Plant = None,
 ) -> None:
-    """The rows' records as JSON lines on standard output, oldest first."""
+    """The rows' records as JSON lines on standard output, oldest first.
+
+    Exit codes: 0 exported, 1 no buffer file, 2 bad option or config.
+    """
     cfg = load(config)
     clause, params = _where(plant, since, until)
     n = 0
@@ -152,7 +161,10 @@ def replay(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for Kafka.")] = 60.0,
 ) -> None:
     """Send the rows of a time range to Kafka again (keys and headers as the forwarder sends
-    them). Rows stay in the buffer; the receivers de-duplicate by gatewayId and seq."""
+    them). Rows stay in the buffer; the receivers de-duplicate by gatewayId and seq.
+
+    Exit codes: 0 every row confirmed by Kafka, 1 some not, 2 bad option or config.
+    """
     from confluent_kafka import Producer
 
     cfg = load(config)
@@ -196,7 +208,11 @@ def purge(
     yes: Yes = False,
 ) -> None:
     """Remove rows (a time range, a plant, or --all) for good; only while no gateway runs. Asks
-    first (--yes for scripts) and logs what it removed."""
+    first (--yes for scripts) and logs what it removed.
+
+    Exit codes: 0 removed, 1 nothing matched / not confirmed / a gateway runs, 2 bad option or
+    config.
+    """
     if not (everything or since or until or plant):
         raise typer.BadParameter("say what to remove: --since/--until, --plant or --all")
     cfg = load(config)

@@ -95,7 +95,10 @@ def list_(
     until: Until = None,
     as_json: JsonOut = False,
 ) -> None:
-    """The newest dead letters, newest first."""
+    """The newest dead letters, newest first.
+
+    Exit codes: 0 shown, 1 no dead-letter file, 2 bad option or config.
+    """
     cfg = load(config)
     with connect(cfg.deadletter.path) as con:
         rows = [_doc(r) for r in _select(con, source, since, until, limit)]
@@ -129,7 +132,10 @@ def _one(cfg: GatewayConfig, ident: int) -> dict[str, Any]:
 def show(
     config: Config, ident: Annotated[int, typer.Argument(metavar="ID")], as_json: JsonOut = False
 ) -> None:
-    """One dead letter in full, its payload included."""
+    """One dead letter in full, its payload included.
+
+    Exit codes: 0 shown, 1 no such dead letter, 2 bad config.
+    """
     doc = _one(load(config), ident)
     if as_json:
         typer.echo(json.dumps(doc))
@@ -142,7 +148,10 @@ def show(
 
 @app.command("export")
 def export(config: Config, source: Source = None, since: Since = None, until: Until = None) -> None:
-    """Dead letters as JSON lines on standard output, newest first."""
+    """Dead letters as JSON lines on standard output, newest first.
+
+    Exit codes: 0 exported, 1 no dead-letter file, 2 bad option or config.
+    """
     cfg = load(config)
     with connect(cfg.deadletter.path) as con:
         rows = _select(con, source, since, until, None)
@@ -215,7 +224,11 @@ def retry(
     ] = None,
 ) -> None:
     """Put a dead letter's readings into the buffer (through the running gateway if there is
-    one), then delete it."""
+    one), then delete it.
+
+    Exit codes: 0 retried and removed, 1 no such dead letter, 2 bad config, 3 refused (not a
+    reading, or the gateway did not take it).
+    """
     cfg = load(config)
     doc = _one(cfg, ident)
     text = payload_file.read_text() if payload_file else doc["payload"]
@@ -244,7 +257,10 @@ def purge(
     everything: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
     yes: Yes = False,
 ) -> None:
-    """Remove dead letters for good (a source, a time range or --all); asks first, logs it."""
+    """Remove dead letters for good (a source, a time range or --all); asks first, logs it.
+
+    Exit codes: 0 removed, 1 nothing matched or not confirmed, 2 bad option or config.
+    """
     if not (everything or source or since or until):
         raise typer.BadParameter("say what to remove: --source, --since/--until or --all")
     cfg = load(config)

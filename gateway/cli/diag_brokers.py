@@ -163,7 +163,10 @@ def mqtt(
     timeout: Timeout = 10.0,
     as_json: JsonOut = False,
 ) -> None:
-    """Connect to the [mqtt] broker with its credentials and subscribe to each subscription."""
+    """Connect to the [mqtt] broker with its credentials and subscribe to each subscription.
+
+    Exit codes: 0 every check passed, 1 a check failed (named, with the fix), 2 bad config.
+    """
     cfg = stores.load(config)
     try:
         # an enabled source has its password resolved already; a disabled one is checked too
@@ -234,7 +237,10 @@ def kafka(
     timeout: Timeout = 10.0,
     as_json: JsonOut = False,
 ) -> None:
-    """Connect to Kafka with the [kafka] settings; check the gateway's topics exist."""
+    """Connect to Kafka with the [kafka] settings; check the gateway's topics exist.
+
+    Exit codes: 0 every check passed, 1 a check failed (named, with the fix), 2 bad config.
+    """
     from gateway.edge.forward import topic_for
 
     cfg = stores.load(config)
@@ -311,7 +317,10 @@ def influx(
     timeout: Timeout = 10.0,
     as_json: JsonOut = False,
 ) -> None:
-    """Reach InfluxDB at [influxdb] url with its token; check the raw bucket exists."""
+    """Reach InfluxDB at [influxdb] url with its token; check the raw bucket exists.
+
+    Exit codes: 0 every check passed, 1 a check failed (named, with the fix), 2 bad config.
+    """
     from gateway.processor.settings import load_processor_config
 
     try:
