@@ -85,6 +85,10 @@ def test_kafka(kafka_env: dict[str, str], tmp_path: Path) -> None:
     }
     code, checks, _ = check(tmp_path, "kafka", {"kafka": sasl}, {"TEST_KP": "wrong"})
     assert code == 1 and kinds(checks) == ["auth"], checks
+    right = {"TEST_KP": kafka_env["KAFKA_SASL_PASSWORD"]}
+    untrusted = {**sasl, "ssl_ca_location": "/etc/ssl/certs/ca-certificates.crt"}
+    code, checks, _ = check(tmp_path, "kafka", {"kafka": untrusted}, right)
+    assert code == 1 and kinds(checks) == ["tls"], checks
 
 
 def test_influx(servers: dict[str, str], tmp_path: Path) -> None:
