@@ -96,6 +96,9 @@ def test_live_ph_calibration_through_the_running_gateway(pty_pair: Any, tmp_path
             assert api.stat().st_mode & 0o077 == 0, "the API file is readable by others"
             wait_until(lambda: "pH" in live(gw, token)["readings"], 30, "a pH reading")
             assert ph_alarms(gw) == 0
+            # The gateway owns the port: a diagnostic read is refused, not mixed into its polls.
+            busy = cli(["diag", "read", "--port", pty_pair.a, "--unit", "1", "--address", "0"], env)
+            assert busy.returncode == 3 and "a running gateway owns it" in busy.stderr, busy.stderr
 
             # 1. A good electrode, interactively on a terminal: 3 points, recovered, activated.
             args = ["calibrate", "ph", "--config", str(config), "--sensor", "ph-1"]

@@ -71,9 +71,11 @@ class RtuTransport:
                 stopbits=self.line.stopbits,
                 timeout=0,
                 write_timeout=2,
+                exclusive=True,  # one owner per port: a second opener (a CLI) is refused
             )
         except (serial.SerialException, OSError, ValueError) as e:
-            raise ModbusError("port", str(e)) from None
+            hint = " (in use: a running gateway owns it?)" if "lock" in str(e).lower() else ""
+            raise ModbusError("port", f"{e}{hint}") from None
         if self.line.parity != "N":
             try:
                 _set_parity(ser, self.line.parity)
