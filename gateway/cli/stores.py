@@ -57,14 +57,19 @@ def stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-@contextlib.contextmanager
-def connect(path: str | Path, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-    """A connection beside the daemon's: read-only unless ``write``; exit 1 if the file is
-    missing (nothing was ever stored)."""
+def _must_exist(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         typer.echo(f"{p}: no such file (nothing stored yet?)", err=True)
         raise typer.Exit(1)
+    return p
+
+
+@contextlib.contextmanager
+def connect(path: str | Path, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    """A connection beside the daemon's: read-only unless ``write``; exit 1 if the file is
+    missing (nothing was ever stored)."""
+    p = _must_exist(path)
     uri = f"file:{p}?mode={'rw' if write else 'ro'}"
     con = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_MS / 1000)
     try:
@@ -77,6 +82,7 @@ def connect(path: str | Path, *, write: bool = False) -> Iterator[sqlite3.Connec
 @contextlib.contextmanager
 def owning_buffer(path: str | Path) -> Iterator[None]:
     """Hold the buffer's lock (as the daemon does while it runs); exit 1 if a gateway holds it."""
+    _must_exist(path)
     lock = open(f"{path}.lock", "w")  # noqa: SIM115 (held for the block)
     try:
         try:
