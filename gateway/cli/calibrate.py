@@ -18,7 +18,7 @@ from gateway.cli.measure import PointFailed, measure, wait_for_enter
 from gateway.common.config import ConfigError
 from gateway.edge import calibrate as cal
 from gateway.edge.calibrate import CalibrationRecord, CalibrationStore, Standard
-from gateway.edge.calibrate_live import ph_raw_mv
+from gateway.edge.calibrate_live import ph_raw_mv, probe_writes
 from gateway.edge.settings import GatewayConfig
 
 app = typer.Typer(help="Calibrate probes and show their calibration history.", no_args_is_help=True)
@@ -81,15 +81,6 @@ def _compute(fn: Callable[..., CalibrationRecord], *args: Any, **kwargs: Any) ->
 
 
 BUFFER_SETS = {"4.01,7.00,10.01": (7.00, 4.01, 10.01), "4.00,6.86,9.18": (6.86, 4.00, 9.18)}
-# calibration register names a profile may use -> the record's result written there
-PROBE_REGISTERS = {
-    "zero_point": "offset_mv",
-    "offset": "offset_mv",
-    "slope": "slope_mv",
-    "k": "k",
-    "b": "b",
-    "cell_constant": "cell_constant",
-}
 
 
 def _config(path: Path | None) -> GatewayConfig | None:
@@ -201,15 +192,11 @@ def _measure_all(
 
 def _write_to_probe(link: Link, record: CalibrationRecord) -> CalibrationRecord:
     """Write the results to the probe's calibration registers and read them back."""
-    names = link.probe(record.sensor_id, {})
-    results = record.results()
-    writes = {
-        n: results[PROBE_REGISTERS[n]]
-        for n in names
-        if n in PROBE_REGISTERS and PROBE_REGISTERS[n] in results
-    }
+    writes = probe_writes(list(link.probe(record.sensor_id, {})), record)
     if not writes:
-        raise LinkError(f"the profile declares no calibration register for {sorted(results)}")
+        raise LinkError(
+            f"the profile declares no calibration register for {sorted(record.results())}"
+        )
     back = link.probe(record.sensor_id, writes)
     for name, want in writes.items():
         got = back.get(name)

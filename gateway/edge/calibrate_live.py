@@ -121,3 +121,29 @@ def residuals(record: CalibrationRecord) -> list[float]:
 
 def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def probe_writes(register_names: Sequence[str], record: CalibrationRecord) -> dict[str, float]:
+    """What to write into a profile's calibration registers for ``record``, by register name:
+    zero_point/offset and slope (pH), k/b or <parameter>_k/<parameter>_b (optical), cell_constant,
+    tds_factor and temperature_coefficient (conductivity)."""
+    values: dict[str, float | None] = {**record.results(), "alpha": record.alpha}
+    p = record.parameter.lower()
+    aliases = {
+        "zero_point": "offset_mv",
+        "offset": "offset_mv",
+        "slope": "slope_mv",
+        "k": "k",
+        "b": "b",
+        f"{p}_k": "k",
+        f"{p}_b": "b",
+        "cell_constant": "cell_constant",
+        "tds_factor": "tds_factor",
+        "temperature_coefficient": "alpha",
+    }
+    out: dict[str, float] = {}
+    for name in register_names:
+        value = values.get(aliases.get(name, ""))
+        if value is not None and finite(value):
+            out[name] = value
+    return out

@@ -206,3 +206,16 @@ def test_the_daemon_api_refuses_records_it_could_not_apply(tmp_path: Path) -> No
     assert status == 200 and doc["activated"]
     assert store.active("ph-1", "pH") == good and pipeline.out_of_service() == []
     assert api.probe(b'{"sensor": "ph-1"}')[0] == 404  # not a Modbus device here
+
+
+def test_probe_writes_by_register_name() -> None:
+    from gateway.edge.calibrate_live import probe_writes
+
+    ph = calibrate_ph("p", [Standard(7.0, 12.0), Standard(4.01, 180.0)], operator="a")
+    assert probe_writes(["zero_point", "slope"], ph) == {
+        "zero_point": ph.offset_mv,
+        "slope": ph.slope_mv,
+    }
+    cod = calibrate_linear("uv", "COD", [Standard(0, 2), Standard(100, 52)], operator="a")
+    names = ["cod_k", "cod_b", "bod_k", "bod_b"]
+    assert probe_writes(names, cod) == {"cod_k": 2.0, "cod_b": -4.0}
