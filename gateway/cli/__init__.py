@@ -9,11 +9,19 @@ import typer
 
 from gateway import __version__
 
+EXIT_CODES = (
+    "Exit codes (each command's --help says which it uses): 0 done / healthy / valid; 1 a check "
+    "failed, nothing found, a calibration failed, or a question answered no; 2 bad option, "
+    "config or profile; 3 a port, broker or gateway cannot be reached; 4 a live calibration was "
+    "abandoned (a point not stable in time, the gateway failed)."
+)
+
 app = typer.Typer(
     name="edge-gateway",
     help="Edge gateway for wastewater treatment plant probes, and its central processor.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
 )
 
 
@@ -37,7 +45,16 @@ def main() -> None:
 
 
 # Command groups register themselves on ``app`` here, after it exists.
-from gateway.cli import alerts, calibrate, ml, processor, query, run, simulate  # noqa: E402
+from gateway.cli import (  # noqa: E402
+    alerts,
+    calibrate,
+    configcheck,
+    ml,
+    processor,
+    query,
+    run,
+    simulate,
+)
 
 app.add_typer(calibrate.app, name="calibrate")
 app.command("simulate")(simulate.simulate)
@@ -47,9 +64,15 @@ app.add_typer(ml.app, name="ml")
 app.add_typer(alerts.app, name="alerts")
 app.command("run")(run.run)
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
-config_app.command("check")(run.check)
+config_app.command("check")(configcheck.check)
 app.add_typer(config_app, name="config")
 
 from gateway.cli import init  # noqa: E402
 
 app.command("init")(init.init)
+
+from gateway.cli import buffer, deadletter, diag  # noqa: E402
+
+app.add_typer(diag.app, name="diag")
+app.add_typer(buffer.app, name="buffer")
+app.add_typer(deadletter.app, name="deadletter")

@@ -1,4 +1,4 @@
-"""``edge-gateway run`` and ``edge-gateway config check``."""
+"""``edge-gateway run``."""
 
 from __future__ import annotations
 
@@ -39,24 +39,3 @@ def run_daemon(
     except StageDied as e:
         typer.echo(f"{name} stopped: {e}", err=True)
         raise typer.Exit(1) from None
-
-
-def check(config: ConfigPath = Path("config.toml")) -> None:
-    """Check a config file and every probe profile it names, without starting anything."""
-    from gateway.common.config import PROCESSOR_SECTIONS, load_toml
-    from gateway.edge.settings import load_gateway_config
-    from gateway.processor.settings import load_processor_config
-
-    try:
-        cfg = load_gateway_config(config)
-        if PROCESSOR_SECTIONS & load_toml(config).keys():
-            load_processor_config(config)
-    except ConfigError as e:
-        typer.echo(f"config error: {e}", err=True)
-        raise typer.Exit(2) from None
-    buses = len(cfg.modbus.serial) + len(cfg.modbus.tcp)
-    typer.echo(
-        f"{config}: OK (gateway {cfg.gateway.id}, plant {cfg.gateway.plant_id}, "
-        f"{buses} Modbus connection(s), MQTT {'on' if cfg.mqtt.enabled else 'off'}, "
-        f"Kafka {cfg.kafka.bootstrap_servers})"
-    )

@@ -33,12 +33,16 @@ DEFAULT_ALPHA = 0.02  # per °C
 BUFFER_TEMPERATURES = (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50)
 BUFFER_TABLES: dict[float, tuple[float, ...]] = {
     4.01: (4.01, 4.00, 4.00, 4.00, 4.00, 4.01, 4.01, 4.02, 4.03, 4.04, 4.06),
+    # the same phthalate buffer (pH 4.005 at 25 °C) as labelled in the 4.00/6.86/9.18 set
+    4.00: (4.01, 4.00, 4.00, 4.00, 4.00, 4.01, 4.01, 4.02, 4.03, 4.04, 4.06),
     6.86: (6.98, 6.95, 6.92, 6.90, 6.88, 6.86, 6.85, 6.84, 6.84, 6.83, 6.83),
     7.00: (7.13, 7.09, 7.06, 7.04, 7.02, 7.00, 6.99, 6.98, 6.97, 6.97, 6.97),
     9.18: (9.46, 9.39, 9.33, 9.28, 9.23, 9.18, 9.14, 9.10, 9.07, 9.04, 9.01),
     10.01: (10.32, 10.25, 10.18, 10.12, 10.06, 10.01, 9.97, 9.93, 9.89, 9.86, 9.83),
 }
 
+# a record's results: the numbers worth comparing between calibrations
+RESULTS = ("slope_mv", "slope_pct", "offset_mv", "k", "b", "cell_constant", "tds_factor", "r2")
 PH_METHODS = ("ph_1point", "ph_2point", "ph_3point")
 LINEAR_METHODS = ("zero", "zero_span", "regression")
 CONDUCTIVITY_METHODS = ("cell_constant",)
@@ -82,6 +86,9 @@ class CalibrationRecord:
     due_at: float | None = None
     notes: str = ""
     id: str = ""
+    # "gateway": the gateway corrects readings with it; "probe": written to the probe, which
+    # corrects its own output (the gateway keeps it as history and for due dates only)
+    applied_in: str = "gateway"
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -108,17 +115,7 @@ class CalibrationRecord:
 
     def results(self) -> dict[str, float]:
         """The numbers worth comparing between calibrations (drift tracking)."""
-        names = (
-            "slope_mv",
-            "slope_pct",
-            "offset_mv",
-            "k",
-            "b",
-            "cell_constant",
-            "tds_factor",
-            "r2",
-        )
-        return {n: v for n in names if (v := getattr(self, n)) is not None}
+        return {n: v for n in RESULTS if (v := getattr(self, n)) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,20 +148,35 @@ def buffer_ph(nominal: float, temp_c: float) -> float:
     return round(table[i] + (table[i + 1] - table[i]) * frac, 3)
 
 
-def ph_status(slope_pct: float, offset_mv: float) -> str:
-    if abs(offset_mv) > PH_OFFSET_LIMIT:
+@dataclass(frozen=True, slots=True)
+class PhLimits:
+    """Pass/warn/fail limits of a pH calibration: DOMAIN.md defaults, set in ``[calibration]``."""
+
+    offset_mv: float = PH_OFFSET_LIMIT  # |offset| in the pH 7 buffer
+    slope_pass: tuple[float, float] = PH_SLOPE_PASS  # % of Nernst
+    slope_warn_min: float = PH_SLOPE_WARN[0]  # from here up to slope_pass[0]: warn
+
+    @property
+    def criteria(self) -> str:
+        lo, hi = self.slope_pass
+        return (
+            f"|offset| <= {self.offset_mv:g} mV; slope {lo:g}-{hi:g} % pass, "
+            f"{self.slope_warn_min:g}-{lo:g} % warn, else fail"
+        )
+
+
+def ph_status(slope_pct: float, offset_mv: float, limits: PhLimits | None = None) -> str:
+    limits = limits or PhLimits()
+    if abs(offset_mv) > limits.offset_mv:
         return "fail"
-    if PH_SLOPE_PASS[0] <= slope_pct <= PH_SLOPE_PASS[1]:
+    if limits.slope_pass[0] <= slope_pct <= limits.slope_pass[1]:
         return "pass"
-    if PH_SLOPE_WARN[0] <= slope_pct < PH_SLOPE_WARN[1]:
+    if limits.slope_warn_min <= slope_pct < limits.slope_pass[0]:
         return "warn"
     return "fail"
 
 
-PH_CRITERIA = (
-    f"|offset| <= {PH_OFFSET_LIMIT:g} mV; slope {PH_SLOPE_PASS[0]:g}-{PH_SLOPE_PASS[1]:g} % pass, "
-    f"{PH_SLOPE_WARN[0]:g}-{PH_SLOPE_WARN[1]:g} % warn, else fail"
-)
+PH_CRITERIA = PhLimits().criteria
 
 
 def calibrate_ph(
@@ -177,6 +189,7 @@ def calibrate_ph(
     slope_pct: float = 100.0,
     due_days: float = 30.0,
     notes: str = "",
+    limits: PhLimits | None = None,
 ) -> CalibrationRecord:
     """1, 2 or 3-point pH calibration from electrode mV in buffers.
 
@@ -184,6 +197,7 @@ def calibrate_ph(
     ``slope_pct`` assumed (pass the previous calibration's); more points fit both by least squares.
     Buffers without a temperature are taken at 25 °C.
     """
+    limits = limits or PhLimits()
     if not 1 <= len(standards) <= 3:
         raise ValueError("a pH calibration takes 1 to 3 buffers")
     points = []
@@ -212,8 +226,8 @@ def calibrate_ph(
         calibrated_at=now,
         operator=operator,
         standards=tuple(points),
-        status=ph_status(slope_pct, offset),
-        criteria=PH_CRITERIA + ("; slope assumed" if len(points) == 1 else ""),
+        status=ph_status(slope_pct, offset, limits),
+        criteria=limits.criteria + ("; slope assumed" if len(points) == 1 else ""),
         slope_mv=round(NERNST_25 * slope_pct / 100.0, 3),
         slope_pct=round(slope_pct, 2),
         offset_mv=round(offset, 2),
@@ -386,6 +400,8 @@ def apply(
     value = reading.value
     if record is None or value is None or not math.isfinite(value):
         return reading
+    if record.applied_in != "gateway":
+        return reading
     t = 25.0 if temp_c is None else temp_c
     kind = record.kind
     try:
@@ -476,6 +492,16 @@ class CalibrationStore:
 
     def active(self, sensor_id: str, parameter: str) -> CalibrationRecord | None:
         return self._active.get((sensor_id, parameter))
+
+    def all_active(self) -> list[CalibrationRecord]:
+        return list(self._active.values())
+
+    def everything(self) -> list[CalibrationRecord]:
+        """Every record of every sensor, newest first."""
+        with self._open() as db:
+            entries = list(db.values())
+        out = [CalibrationRecord.from_dict(r) for e in entries for r in e["history"]]
+        return sorted(out, key=lambda r: r.calibrated_at, reverse=True)
 
     def save(self, record: CalibrationRecord) -> CalibrationRecord:
         """Add ``record`` to the history, with the previous active results for drift tracking.

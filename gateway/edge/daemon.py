@@ -28,6 +28,7 @@ from gateway.edge.acquire.modbus.engine import ModbusEngine
 from gateway.edge.acquire.mqtt.source import MqttSource
 from gateway.edge.buffer import Buffer
 from gateway.edge.calibrate import CalibrationStore
+from gateway.edge.calibration_api import CalibrationApi, api_file
 from gateway.edge.deadletter import DeadLetterStore
 from gateway.edge.forward import Forwarder
 from gateway.edge.intake import Intake
@@ -106,6 +107,10 @@ class GatewayDaemon:
             self.secrets.http_token,
             receipts=self.buffer,
         ).attach(self.http)
+        self.calibration_api = CalibrationApi(
+            self.pipeline, self.calibrations, self.modbus, config.calibration.session_timeout
+        )
+        self.calibration_api.attach(self.http)
 
     def again(self) -> GatewayDaemon:
         """A new daemon for the same configuration and the same resolved secrets (to start the
@@ -123,7 +128,11 @@ class GatewayDaemon:
             self.http.add_check("modbus", self.modbus.health)
         if self.mqtt is not None:
             self.http.add_check("mqtt", self.mqtt.health)
+        self.http.add_check("calibration", self.calibration_health)
         self.http.start()
+        self.calibration_api.publish(
+            self.config.calibration.store, self.config.http.host, self.http.port
+        )
         self.modbus.start()
         if self.mqtt is not None:
             self.mqtt.start()
@@ -170,6 +179,7 @@ class GatewayDaemon:
             stage[0] = "modbus"
             self.modbus.stop()
             stage[0] = "http"
+            api_file(self.config.calibration.store).unlink(missing_ok=True)
             self.http.stop()
             stage[0] = "the forwarder"
             self.forwarder.stop(timeout=left(5.0))
@@ -180,6 +190,17 @@ class GatewayDaemon:
         finally:
             guard.cancel()
         log.info("stopped in %.1f s", time.monotonic() - started)
+
+    def calibration_health(self) -> tuple[bool, dict[str, Any]]:
+        """Always healthy (an overdue calibration is news, not an outage); names the overdue ones
+        and the sensors out of service."""
+        now = time.time()
+        overdue = [
+            f"{r.sensor_id} {r.parameter} (due {time.strftime('%Y-%m-%d', time.gmtime(r.due_at))})"
+            for r in self.calibrations.all_active()
+            if r.due_at is not None and r.due_at < now
+        ]
+        return True, {"overdue": overdue, "outOfService": self.pipeline.out_of_service()}
 
     # -- supervision ---------------------------------------------------------------------------
 

@@ -211,6 +211,15 @@ class _DebugLog:
         self.logger.debug(msg, *args)
 
 
+def topic_for(config: ForwardConfig, kind: str, plant_id: str) -> str:
+    """The topic of a buffer row: alarms to the alerts topic, readings to <prefix>.<plant>."""
+    if kind == "alarm":
+        return config.alerts_topic
+    # A topic name allows only [A-Za-z0-9._-]; anything else would fail forever.
+    plant = _TOPIC_UNSAFE.sub("_", plant_id or config.plant)
+    return f"{config.topic_prefix}.{plant}"[:249]
+
+
 class Forwarder:
     def __init__(
         self,
@@ -378,9 +387,7 @@ class Forwarder:
             return self.config.alerts_topic
         topic = self._topics.get(row.plant_id)
         if topic is None:
-            # A topic name allows only [A-Za-z0-9._-]; anything else would fail forever.
-            plant = _TOPIC_UNSAFE.sub("_", row.plant_id or self.config.plant)
-            topic = self._topics[row.plant_id] = f"{self.config.topic_prefix}.{plant}"[:249]
+            topic = self._topics[row.plant_id] = topic_for(self.config, row.kind, row.plant_id)
         return topic
 
     def _produce(self, rows: list[Row]) -> int:

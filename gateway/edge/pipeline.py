@@ -21,6 +21,9 @@ from gateway.edge import calibrate
 from gateway.edge.calibrate import CalibrationStore
 
 MAX_TEMPERATURES = 10_000
+MAX_LATEST = 10_000
+OUT_OF_SERVICE = "out_of_service:calibration"
+OVERDUE = "calibration_overdue"
 STAGES = ("calibrate", "validate", "alarms")
 
 
@@ -44,6 +47,27 @@ class EdgePipeline:
             {st: metrics.processing_latency.labels(stage=st) for st in STAGES} if metrics else {}
         )
         self._processed: dict[tuple[str, str], Any] = {}
+        # The latest reading per (sensor, parameter) as it left the stages (live calibration).
+        self.latest: dict[tuple[str, str], Reading] = {}
+        # Sensors out of service (being calibrated) until a monotonic time: no process alarms.
+        self._out_of_service: dict[str, float] = {}
+
+    def take_out_of_service(self, sensor_id: str, seconds: float) -> None:
+        with self._lock:
+            self._out_of_service[sensor_id] = time.monotonic() + seconds
+
+    def return_to_service(self, sensor_id: str) -> None:
+        with self._lock:
+            self._out_of_service.pop(sensor_id, None)
+
+    def latest_of(self, sensor_id: str) -> dict[str, Reading]:
+        """The sensor's latest reading per parameter (a copy, taken under the lock)."""
+        with self._lock:
+            return {p: r for (s, p), r in self.latest.items() if s == sensor_id}
+
+    def out_of_service(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(s for s, until in self._out_of_service.items() if until > now)
 
     def process(self, reading: Reading) -> list[Record]:
         return self.process_batch([reading])
@@ -62,21 +86,40 @@ class EdgePipeline:
             t2 = time.perf_counter()
             out: list[Record] = []
             evaluate = self.alarms.evaluate
+            resting = self._resting()
+            latest = self.latest
+            if len(latest) >= MAX_LATEST:
+                latest.clear()
             for r in readings:
                 out.append(r)
+                latest[(r.sensor_id, r.parameter)] = r
+                if resting and r.sensor_id in resting:
+                    r.flag(Quality.UNCERTAIN, OUT_OF_SERVICE)  # flagged, kept, no alarms
+                    continue
                 out.extend(evaluate(r))
             t3 = time.perf_counter()
         if self.metrics is not None:
             self._observe(readings, out, (t1 - t0, t2 - t1, t3 - t2))
         return out
 
+    def _resting(self) -> set[str]:
+        if not self._out_of_service:
+            return set()
+        now = time.monotonic()
+        for s in [s for s, until in self._out_of_service.items() if until <= now]:
+            del self._out_of_service[s]  # a session the CLI left open ends by itself
+        return set(self._out_of_service)
+
     def _calibrate(self, readings: Sequence[Reading], store: CalibrationStore) -> None:
         store.reload_if_changed()
         temps = self._temperatures
+        now = time.time()
         for r in readings:
             record = store.active(r.sensor_id, r.parameter)
             if record is not None:
                 calibrate.apply(r, record, temps.get((r.plant_id, r.sensor_id)))
+                if record.due_at is not None and record.due_at < now:
+                    r.quality_reasons.append(OVERDUE)  # a reason; the quality stays
             v = r.value
             if (
                 r.parameter == "temperature"

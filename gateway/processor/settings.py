@@ -90,7 +90,11 @@ class ProcessorSettings:
 
 def load_processor_config(path: str | Path) -> ProcessorSettings:
     """Read and check the processor's sections; errors name the file, the key, the expectation."""
-    data = load_toml(path)
+    return processor_config_from(load_toml(path), path)
+
+
+def processor_config_from(data: dict[str, Any], path: str | Path) -> ProcessorSettings:
+    """The processor's settings from the parsed file ``data`` (read from ``path``)."""
     check_sections(data, path)
     src = str(path)
 

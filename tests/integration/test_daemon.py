@@ -76,7 +76,7 @@ def test_gateway_polls_probes_reads_mqtt_and_forwards_everything_to_kafka(
                 lambda: (h := gw.health())[0] == 200 and h, 60, "/health to answer 200"
             )
             assert health["status"] == "healthy"
-            assert set(health["checks"]) == {"buffer", "kafka", "modbus", "mqtt"}
+            assert set(health["checks"]) == {"buffer", "kafka", "modbus", "mqtt", "calibration"}
             assert all(c["status"] == "healthy" for c in health["checks"].values())
 
             publisher = Publisher(mqtt_env)

@@ -238,3 +238,40 @@ def decode_profile(profile: Profile, image: RegisterImage) -> list[Decoded]:
                 for name in bit.affects or status.affects or decoded:
                     decoded[name].flag(Quality(bit.quality), f"status:{bit.name}")
     return list(decoded.values())
+
+
+# --- every reading of a register dump (diagnostics) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Decoding:
+    """One way to read registers at ``offset``: type, word order (2-register types), number."""
+
+    offset: int
+    type: str
+    word_order: str
+    value: float | int | None  # None: NaN/Inf or not decodable
+
+    def scaled(self, scale: float) -> float | None:
+        return None if self.value is None else self.value * scale
+
+
+def every_decoding(regs: Sequence[int]) -> list[Decoding]:
+    """int16/uint16 of each register and int32/uint32/float32 of each pair in the four word
+    orders, so an encoding can be found by eye."""
+    out: list[Decoding] = []
+    for i in range(len(regs)):
+        for t in ("int16", "uint16"):
+            out.append(Decoding(i, t, "", _finite(decode(regs[i : i + 1], t))))
+        if i + 1 < len(regs):
+            for t in ("int32", "uint32", "float32"):
+                for order in WORD_ORDERS:
+                    number = _finite(decode(regs[i : i + 2], t, order))
+                    out.append(Decoding(i, t, order, number))
+    return out
+
+
+def _finite(x: int | float | Rejection) -> int | float | None:
+    if isinstance(x, Rejection) or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return float(f"{x:.7g}") if isinstance(x, float) else x  # float32: 7 significant digits

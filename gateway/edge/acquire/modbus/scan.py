@@ -170,17 +170,32 @@ def _summary(decoded: Sequence[Decoded]) -> str:
     return ", ".join(parts)
 
 
-def match_profile(profile: Profile, read: ReadFn) -> Match:
-    """Read the slave as ``profile`` polls it and say whether what comes back makes sense."""
+class PollFailed(ModbusError):
+    """A read of one block of a poll failed: ``where`` names the block."""
+
+    def __init__(self, kind: str, where: str) -> None:
+        super().__init__(kind, f"reading {where}")
+        self.where = where
+
+
+def poll_once(profile: Profile, read: ReadFn) -> list[Decoded]:
+    """One poll of a slave as the engine does it (its register blocks), decoded; PollFailed."""
     image: dict[tuple[str, int], int] = {}
     for block in plan_reads(profile.spans(), max_count=profile.max_read):
         try:
             regs = read(block.table, block.start, block.count)
         except ModbusError as e:
-            where = f"{block.table} {block.start}+{block.count}"
-            return Match(profile, False, f"reading {where}: {e.kind}")
+            raise PollFailed(e.kind, f"{block.table} {block.start}+{block.count}") from None
         image.update({(block.table, block.start + i): r for i, r in enumerate(regs)})
-    decoded = decode_profile(profile, image)
+    return decode_profile(profile, image)
+
+
+def match_profile(profile: Profile, read: ReadFn) -> Match:
+    """Read the slave as ``profile`` polls it and say whether what comes back makes sense."""
+    try:
+        decoded = poll_once(profile, read)
+    except PollFailed as e:
+        return Match(profile, False, f"reading {e.where}: {e.kind}")
     for d in decoded:
         problem = _misfit(profile, d)
         if problem is not None:
@@ -318,7 +333,9 @@ def scan(
     return found
 
 
-def _read(link: Transport, unit: int, timeout: float) -> ReadFn:
+def reader(link: Transport, unit: int, timeout: float) -> ReadFn:
+    """Reads from ``unit`` over ``link``; a garbled answer is asked once more."""
+
     def read(table: str, start: int, count: int) -> list[int]:
         pdu = read_request(table, start, count)
         for attempt in (1, 2):  # a garbled answer is asked once more, a silent slave is not
@@ -340,7 +357,7 @@ def _probe(
     timeout: float,
     profiles: Sequence[Profile],
 ) -> tuple[Found | None, str]:
-    read = _read(link, unit, timeout)
+    read = reader(link, unit, timeout)
     exception = None
     try:
         read("holding", 0, 1)

@@ -4,7 +4,9 @@ Each ``SimSlave`` is one probe (a profile and a unit id); one server carries sev
 bus does. Values follow a scenario from the profile's nominal values and are encoded with
 ``registers.py``; faults (no answer, corrupt CRC, exception, NaN, sentinel, status bits) can be
 changed at any time: assign ``slave.fault`` in-process, or write a control file (JSON
-``{"<unit>": {"fault": ..., "scenario": ...}}``) that the server rereads when it changes.
+``{"<unit>": {"fault": ..., "scenario": ..., "values": {"<value name>": number}}}``) that the
+server rereads when it changes. ``values`` pins a value (e.g. the electrode mV of a pH probe put
+in a buffer) instead of its scenario; ``{}`` lets the scenario take over again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import select
 import socket
 import socketserver
 import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from gateway.edge.acquire.modbus.frames import (
     rtu_frame,
     rtu_request_length,
 )
-from gateway.edge.acquire.modbus.profiles import Profile, ValueSpec
+from gateway.edge.acquire.modbus.profiles import Profile, SerialDefaults, ValueSpec
 from gateway.edge.acquire.modbus.registers import clamp, encode, encode_pattern, width
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,10 @@ class SimSlave:
     # rate, as on a noisy RS-485 line (a master must wait for silence before its next request).
     noise_bytes: int = 0
     fault_answers: int = 0  # answers the fault spoils before it clears by itself; 0: until changed
+    pinned: dict[str, float] = field(default_factory=dict)  # value name -> number, no scenario
+    # On a line whose settings the simulator can see (``PtyLine``): answer only at these, as a
+    # real slave at another baud rate or parity hears garbage and stays silent. None: any.
+    line: SerialDefaults | None = None
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS or self.fault not in FAULTS:
@@ -95,7 +102,10 @@ class SimSlave:
             for i, r in enumerate(encode(raw, c.type, c.word_order)):
                 img[c.table, c.address + i] = r
         for v in self.profile.values:
-            regs, decimals = self._encode_value(v, self.value_at(v.nominal, t))
+            number = self.pinned.get(v.name)
+            if number is None:
+                number = self.value_at(v.nominal, t)
+            regs, decimals = self._encode_value(v, number)
             for i, r in enumerate(regs):
                 img[v.table, v.address + i] = r
             if v.decimals_register is not None:
@@ -172,7 +182,7 @@ class SimBus:
         if len(self.slaves) != len(slaves):
             raise ValueError("two simulated slaves share a unit id")
         self.control = Path(control) if control else None
-        self._control_mtime = 0.0
+        self._control_mtime: tuple[int, int, int] | None = None
 
     def slave(self, unit: int) -> SimSlave | None:
         self._reload()
@@ -184,7 +194,8 @@ class SimBus:
         try:
             if not self.control.exists():
                 return
-            mtime = self.control.stat().st_mtime
+            st = self.control.stat()
+            mtime = (st.st_mtime_ns, st.st_size, st.st_ino)  # a rename-over changes the inode
             if mtime == self._control_mtime:
                 return
             self._control_mtime = mtime
@@ -195,8 +206,12 @@ class SimBus:
                     raise ValueError(
                         f"unit {unit}: unknown fault {fault!r} or scenario {scenario!r}"
                     )
+                values = change.get("values", s.pinned)
+                if not isinstance(values, dict):
+                    raise ValueError(f"unit {unit}: values must be an object, not {values!r}")
                 s.fault, s.scenario = fault, scenario
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+                s.pinned = {str(k): float(v) for k, v in values.items()}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             log.warning("control file %s ignored: %s", self.control, e)
 
 
@@ -210,15 +225,23 @@ class RtuSimulator:
     """
 
     def __init__(
-        self, port: str, bus: SimBus, *, baudrate: int = 9600, line_timing: bool = False
+        self,
+        port: str,
+        bus: SimBus,
+        *,
+        baudrate: int = 9600,
+        line_timing: bool = False,
+        pty: PtyLine | None = None,
     ) -> None:
         self.port, self.bus, self.baudrate, self.line_timing = port, bus, baudrate, line_timing
+        self.pty = pty
         line = next(iter(bus.slaves.values())).profile.serial if bus.slaves else None
         self.bits = (
             1 + 8 + (line is not None and line.parity != "N") + (line.stopbits if line else 1)
         )
         self._stop = threading.Event()
-        self._serial = serial.Serial(port, baudrate, timeout=0)
+        self._serial = None if pty is not None else serial.Serial(port, baudrate, timeout=0)
+        self._fd = pty.master if pty is not None else self._serial.fileno()  # type: ignore[union-attr]
         self._thread = threading.Thread(target=self._run, name=f"simulator {port}", daemon=True)
 
     def start(self) -> RtuSimulator:
@@ -228,7 +251,10 @@ class RtuSimulator:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        self._serial.close()
+        if self._serial is not None:
+            self._serial.close()
+        if self.pty is not None:
+            self.pty.close()
 
     def __enter__(self) -> RtuSimulator:
         return self.start()
@@ -238,7 +264,7 @@ class RtuSimulator:
 
     def _run(self) -> None:
         buf = b""
-        fd = self._serial.fileno()
+        fd = self._fd
         while not self._stop.is_set():
             if not select.select([fd], [], [], 0.02)[0]:
                 buf = b""  # silence ends a frame: drop any partial one
@@ -262,6 +288,8 @@ class RtuSimulator:
         slave = self.bus.slave(request[0])
         if slave is None:
             return  # another unit's frame, or broadcast: a real slave stays silent
+        if slave.line is not None and self.pty is not None and self.pty.line() != _key(slave.line):
+            return  # the master talks at another baud rate or parity: garbage to this slave
         pdu = slave.handle(request[1:-2])
         if pdu is None:
             return
@@ -276,8 +304,7 @@ class RtuSimulator:
             gap = 0.00175 if self.baudrate > 19200 else 3.5 * char
             due = received + (len(request) + len(frame)) * char + gap
             time.sleep(max(0.0, due - time.monotonic()))
-        self._serial.write(frame)
-        self._serial.flush()
+        self._write(frame)
         self._noise(noise, char)
 
     def _noise(self, n: int, char: float) -> None:
@@ -285,10 +312,45 @@ class RtuSimulator:
         start, sent = time.monotonic(), 0
         while sent < n:
             chunk = bytes(0xFF * (i % 2) for i in range(min(8, n - sent)))
-            self._serial.write(chunk)
-            self._serial.flush()
+            self._write(chunk)
             sent += len(chunk)
             time.sleep(max(0.0, start + sent * char - time.monotonic()))
+
+    def _write(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+
+def _key(line: SerialDefaults) -> tuple[int, str, int]:
+    return line.baudrate, line.parity, line.stopbits
+
+
+class PtyLine:
+    """A pseudo-terminal of the simulator's own, linked at ``link`` for the master to open. Unlike
+    a socat pair, the line settings the master sets on its end are visible here (a pty's master
+    reads its slave's termios), so slaves can answer only at their own baud rate and parity.
+    Parity shows through INPCK, which the gateway's transport sets (the kernel clears a pty's
+    PARENB): a master that leaves INPCK off looks like 8N1 here."""
+
+    def __init__(self, link: str | Path) -> None:
+        self.master, self._slave = os.openpty()  # our slave fd: no hang-up between openers
+        self.link = Path(link)
+        self.link.unlink(missing_ok=True)
+        self.link.symlink_to(os.ttyname(self._slave))
+
+    def line(self) -> tuple[int, str, int]:
+        iflag, _, cflag, _, _, ospeed, _ = termios.tcgetattr(self.master)
+        speeds = {getattr(termios, f"B{b}"): b for b in (1200, 2400, 4800, 9600, 19200, 38400,
+                                                         57600, 115200)}  # fmt: skip
+        # Linux clears PARENB on a pty; the gateway's transport sets INPCK with parity on
+        parity = "N" if not iflag & termios.INPCK else "O" if cflag & termios.PARODD else "E"
+        return speeds.get(ospeed, 0), parity, 2 if cflag & termios.CSTOPB else 1
+
+    def close(self) -> None:
+        self.link.unlink(missing_ok=True)
+        for fd in (self.master, self._slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class TcpSimulator:

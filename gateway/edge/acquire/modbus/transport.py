@@ -11,6 +11,7 @@ import os
 import select
 import socket
 import struct
+import termios
 import time
 
 import serial
@@ -37,6 +38,18 @@ def default_gap(line: SerialDefaults) -> float:
     return 0.00175 if line.baudrate > 19200 else 3.5 * bits_per_character(line) / line.baudrate
 
 
+def _set_parity(ser: serial.Serial, parity: str) -> None:
+    """Parity set here in one termios call, with input parity checking on (INPCK; pyserial leaves
+    it off, so a byte with a parity error would pass unseen; now it reads as 0 and its frame
+    fails its CRC). pyserial opens the port without parity: its own parity change fails with
+    EINVAL on a reopened Linux pty, whose driver clears PARENB."""
+    attrs = termios.tcgetattr(ser.fileno())
+    attrs[0] |= termios.INPCK
+    attrs[2] |= termios.PARENB
+    attrs[2] = attrs[2] | termios.PARODD if parity == "O" else attrs[2] & ~termios.PARODD
+    termios.tcsetattr(ser.fileno(), termios.TCSANOW, attrs)
+
+
 class RtuTransport:
     def __init__(
         self, port: str, line: SerialDefaults, *, gap: float | None, connections: Gauge
@@ -54,13 +67,21 @@ class RtuTransport:
                 self.port,
                 self.line.baudrate,
                 bytesize=self.line.bytesize,
-                parity=self.line.parity,
+                parity="N",  # set below, with input parity checking
                 stopbits=self.line.stopbits,
                 timeout=0,
                 write_timeout=2,
+                exclusive=True,  # one owner per port: a second opener (a CLI) is refused
             )
         except (serial.SerialException, OSError, ValueError) as e:
-            raise ModbusError("port", str(e)) from None
+            hint = " (in use: a running gateway owns it?)" if "lock" in str(e).lower() else ""
+            raise ModbusError("port", f"{e}{hint}") from None
+        if self.line.parity != "N":
+            try:
+                _set_parity(ser, self.line.parity)
+            except (termios.error, OSError) as e:
+                ser.close()
+                raise ModbusError("port", f"cannot set parity {self.line.parity}: {e}") from None
         self._serial = ser
         self._connections.inc()
         return ser
