@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent import futures
@@ -61,6 +62,7 @@ class HttpIngest:
             token = secret(config.token, source="[http]", key="http.token")
         self._token = token.encode()
         self._reject_log = RateLimitedLog(log, 10.0)  # a misbehaving device must not flood it
+        self._waker: _Waker | None = None
 
     def attach(self, server: HttpServer) -> None:
         disabled = "" if self._token else "HTTP ingest is disabled: set [http] token to enable it"
@@ -90,14 +92,16 @@ class HttpIngest:
         begun = await server.run_blocking(self._begin, body)
         if not isinstance(begun, _Pending):
             return begun
-        waits = [asyncio.wrap_future(f) for f in begun.waits]
-        if not waits:
-            return self._answer(begun, 0)
+        loop = asyncio.get_running_loop()
+        waker = self._waker
+        if waker is None or waker.loop is not loop:  # a server started anew has a new loop
+            waker = self._waker = _Waker(loop)
         timeout = max(0.0, begun.deadline - time.monotonic())
-        _, waiting = await asyncio.wait(waits, timeout=timeout)
-        for w in waiting:  # never resolved now: its callback finds it cancelled
-            w.cancel()
-        return self._answer(begun, len(waiting))
+        try:
+            await asyncio.wait_for(waker.wait(begun.waits), timeout)
+        except TimeoutError:
+            return self._answer(begun, sum(not f.done() for f in begun.waits))
+        return self._answer(begun, 0)
 
     def _begin(self, body: bytes) -> Answer | _Pending:
         """Parse and hand the new readings to the sink: an answer already (400, 503), or what
@@ -179,6 +183,46 @@ class _Pending:
     deadline: float
     accepted: int
     duplicates: int
+
+
+class _Waker:
+    """Wakes the coroutines waiting for commits with one loop wake-up per burst of them: the
+    buffer thread settles a whole group commit at once, and a ``call_soon_threadsafe`` (a write
+    to the loop's self-pipe) per request cost more than the rest of the wait."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._due: list[asyncio.Future[None]] = []
+
+    def wait(self, waits: list[Future[None]]) -> asyncio.Future[None]:
+        """On the loop: a future done once every one of ``waits`` is."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        left = [len(waits)]
+
+        def one_done(_: Future[None]) -> None:  # any thread
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+                self._due.append(waiter)
+                if len(self._due) > 1:
+                    return  # a wake-up is on its way already
+            with contextlib.suppress(RuntimeError):  # the server stopped: nobody waits now
+                self.loop.call_soon_threadsafe(self._wake)
+
+        if not waits:
+            waiter.set_result(None)
+        for f in waits:
+            f.add_done_callback(one_done)
+        return waiter
+
+    def _wake(self) -> None:
+        with self._lock:
+            due, self._due = self._due, []
+        for waiter in due:
+            if not waiter.done():  # not given up on (timed out)
+                waiter.set_result(None)
 
 
 def _resolve(done: Future[None]) -> None:
