@@ -84,12 +84,15 @@ def bearer_of(headers: Mapping[str, str]) -> str:
 @dataclass
 class Route:
     """A POST endpoint a stage adds. ``token`` (already resolved) guards it; ``disabled`` is the
-    403 answer while the stage is switched off. ``handle`` may block: it runs in the pool."""
+    403 answer while the stage is switched off. ``handle`` may block: it runs in the pool.
+    ``handle_async``, if given, is awaited on the loop instead (it hands its blocking parts to
+    ``run_blocking`` itself, so waiting, e.g. for a commit, takes no pool thread)."""
 
     handle: Callable[[bytes], Answer]
     max_body_bytes: int
     token: bytes = b""
     disabled: str = ""
+    handle_async: Callable[[bytes], Awaitable[Answer]] | None = None
 
     def refuse(self, headers: Mapping[str, str]) -> Answer | None:
         """Why a request with these headers may not reach the handler, if it may not."""
@@ -326,7 +329,10 @@ class HttpServer:
             return _json(413, error, close=True)
         body = await request.read()
         try:
-            status, doc = await self.run_blocking(route.handle, body)
+            if route.handle_async is not None:
+                status, doc = await route.handle_async(body)
+            else:
+                status, doc = await self.run_blocking(route.handle, body)
         except Exception:
             log.exception("POST %s failed", path)
             status, doc = 500, {"error": "internal error; see the gateway log"}

@@ -323,10 +323,17 @@ def check_field(name: str, value: str) -> Rejection | None:
     )
 
 
+_GOOD_IDENTITIES: set[tuple[str, ...]] = set()  # passed check_identity: a plant's are few
+_GOOD_IDENTITIES_MAX = 10_000
+
+
 def check_identity(
     sensor_id: str, parameter: str, plant_id: str, unit: str, location: str, gateway_id: str
 ) -> Rejection | None:
     """The first field of a reading that fails ``check_field``, in wire order; None if none."""
+    key = (sensor_id, parameter, plant_id, unit, location, gateway_id)
+    if key in _GOOD_IDENTITIES:  # the same sensor again: the checks would say the same
+        return None
     for name, value in (
         ("sensorId", sensor_id),
         ("plantId", plant_id),
@@ -338,6 +345,9 @@ def check_identity(
         problem = check_field(name, value)
         if problem is not None:
             return problem
+    if len(_GOOD_IDENTITIES) >= _GOOD_IDENTITIES_MAX:
+        _GOOD_IDENTITIES.clear()
+    _GOOD_IDENTITIES.add(key)
     return None
 
 
@@ -392,7 +402,9 @@ def reading_from_dict(d: Any, *, plant_id: str = "default") -> Reading | Rejecti
                 "wrong_type", f"quality must be good, uncertain or bad, got {quality_text!r}"
             ) from None
         reasons = d.get("qualityReasons", [])
-        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        if not isinstance(reasons, list) or (
+            reasons and not all(isinstance(r, str) for r in reasons)
+        ):
             raise _Bad("wrong_type", "qualityReasons must be a list of strings")
         seq = d.get("seq")
         if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):

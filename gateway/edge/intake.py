@@ -45,8 +45,9 @@ class Intake:
             out.extend(r for r in records if not isinstance(r, Reading))
         else:
             out = list(records)
-        per_plant = Counter(r.plant_id for r in readings)
         n = len(readings)
+        # One reading (an MQTT message, a single HTTP reading): no Counter to build.
+        per_plant = {readings[0].plant_id: 1} if n == 1 else Counter(r.plant_id for r in readings)
 
         def durable() -> None:
             self.received += n

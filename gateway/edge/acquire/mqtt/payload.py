@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 from gateway.common.config import KeyProblem, check_reading_field
 from gateway.common.model import (
     EARLIEST_TS,
@@ -217,6 +219,12 @@ def _parse_number(payload: bytes) -> float | Rejection:
 
 
 def _load_json(payload: bytes) -> Any:
+    """orjson for speed (a third of json.loads's time on a reading); what orjson refuses goes
+    to json.loads, which decides as before (it also takes NaN, lone surrogates, huge ints)."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(payload)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:

@@ -111,6 +111,37 @@ class MqttConfig:
         )
 
 
+class _InFlight:
+    """One message handed on and not settled yet (one object, not two closures per message)."""
+
+    __slots__ = ("done", "generation", "mid", "qos", "receipt", "source")
+
+    def __init__(
+        self, source: MqttSource, mid: int, qos: int, generation: int, receipt: Receipt | None
+    ) -> None:
+        self.source, self.mid, self.qos = source, mid, qos
+        self.generation, self.receipt, self.done = generation, receipt, False
+
+    def durable(self) -> None:
+        """Settle and ack it; a second call must not ack twice or unbalance _pending."""
+        src = self.source
+        with src._lock:
+            if self.done:
+                return
+            self.done = True
+            src._settle()
+            if src._ack_locked(self.mid, self.qos, self.generation) and self.receipt is not None:
+                src._unconfirmed.append((self.receipt, time.time()))
+
+    def cancel(self) -> None:
+        """Settle it without an ack: it will never be durable (the broker redelivers it)."""
+        src = self.source
+        with src._lock:
+            if not self.done:
+                self.done = True
+                src._settle()
+
+
 # ---------------------------------------------------------------- the source
 
 
@@ -412,28 +443,10 @@ class MqttSource:
     ) -> tuple[OnDurable, OnDurable]:
         """A message now in flight (counted in _pending): the callback that settles and acks it
         once it is durable, and the one that settles it if it will never be."""
-        done = False
-
-        def on_durable() -> None:
-            nonlocal done
-            with self._lock:
-                if done:  # a second call must not ack twice or unbalance _pending
-                    return
-                done = True
-                self._settle()
-                if self._ack_locked(mid, qos, generation) and receipt is not None:
-                    self._unconfirmed.append((receipt, time.time()))
-
-        def cancel() -> None:
-            nonlocal done
-            with self._lock:
-                if not done:
-                    done = True
-                    self._settle()
-
+        flight = _InFlight(self, mid, qos, generation, receipt)
         with self._lock:
             self._pending += 1
-        return on_durable, cancel
+        return flight.durable, flight.cancel
 
     def _recognised(self, receipt: Receipt, mid: int, qos: int, generation: int) -> bool:
         """Whether a DUP message was committed (or is queued) already: then it is acknowledged
