@@ -24,9 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.support and scripts.demolib
 
+from scripts.demolib import inbox  # noqa: E402
 from scripts.demolib.configs import (  # noqa: E402
     DASHBOARD_TOKEN_VAR,
     HTTP_TOKEN_VAR,
+    SMTP_PASSWORD_VAR,
+    WEBHOOK_SECRET_VAR,
     gateway_toml,
     notifier_present,
     notify_toml,
@@ -39,7 +42,6 @@ from scripts.demolib.story import OUTAGE, PLANT_A, PLANT_B, PLANTS, STORY_END  #
 from scripts.demolib.view import Snapshot, View  # noqa: E402
 from scripts.demolib.watch import GatewayStats, TopicWatcher, poll_gateway  # noqa: E402
 from tests.support.net import TcpRelay, free_port  # noqa: E402
-from tests.support.receivers import received  # noqa: E402
 from tests.support.services import read_env  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
 
@@ -50,16 +52,19 @@ class Demo:
         self.dir = ROOT / "var" / "demo" / run_id
         self.dir.mkdir(parents=True)
         self.http_token, self.dashboard_token = secrets.token_hex(8), secrets.token_hex(12)
+        smtp_password, webhook_secret = inbox.secrets()
         self.env = {
             **env,
             HTTP_TOKEN_VAR: self.http_token,
             DASHBOARD_TOKEN_VAR: self.dashboard_token,
+            SMTP_PASSWORD_VAR: smtp_password,
+            WEBHOOK_SECRET_VAR: webhook_secret,
         }
         self.procs = Procs(self.dir, self.env, ROOT)
-        self.ports = {name: free_port() for name in ("processor", "ml", "smtp", "webhook")}
+        self.ports = {n: free_port() for n in ("processor", "ml", "smtp", "sms", "webhook")}
         self.gw_ports = {p: {"http": free_port(), "flow": free_port()} for p in PLANTS}
         self.gateway_ids = {p: f"demo-{p}-{run_id}" for p in PLANTS}
-        self.inbox = self.dir / "inbox"
+        self.certs, self.receivers_log = self.dir / "receivers-certs", self.dir / "receivers.log"
         self.relay: TcpRelay | None = None
         self.start_offsets = {
             p: end_offsets(env["KAFKA_BOOTSTRAP_SERVERS"], f"sensors.raw.{p}") for p in PLANTS
@@ -72,16 +77,17 @@ class Demo:
 
     def start_central(self) -> None:
         py = sys.executable
-        self.procs.spawn(
-            "receivers", py, "-m", "tests.support.receivers", "--dir", str(self.inbox),
-            "--smtp-port", str(self.ports["smtp"]), "--webhook-port", str(self.ports["webhook"]),
-        )  # fmt: skip
+        self.procs.spawn("receivers", *inbox.command(py, self.ports, self.certs))
+        wait_until(lambda: inbox.ready(self.receivers_log), 60, "the receivers")
         self.procs.spawn("ml", *EXE, "ml", "serve", "--port", str(self.ports["ml"]))
         cfg = self.dir / "processor.toml"
         cfg.write_text(
             processor_toml(
                 self.env, self.ports["processor"], self.ports["ml"], f"demo-{self.run_id}",
-                notify_toml(self.ports["smtp"], self.ports["webhook"]),
+                notify_toml(
+                    self.ports["smtp"], self.ports["webhook"], inbox.smtp_ca(self.certs),
+                    self.dir / "alerts.db",
+                ),
             )
         )  # fmt: skip
         setup = subprocess.run(
@@ -91,7 +97,6 @@ class Demo:
         if setup.returncode != 0:
             raise SystemExit(f"setup-influx failed:\n{setup.stdout}{setup.stderr}")
         self.procs.spawn("processor", *EXE, "processor", "run", "--config", str(cfg))
-        wait_until(lambda: (self.inbox / "receivers.ready").exists(), 30, "the receivers")
 
     def start_plant(self, plant: str) -> None:
         pdir = self.dir / plant
@@ -180,10 +185,10 @@ def run(args: argparse.Namespace) -> int:
                     story.append(f"t+{t:.0f}s {PLANT_B}: link back, buffer draining")
                 for p in PLANTS:
                     stats[p] = poll_gateway(demo.gw_ports[p]["http"], stats[p])
-                mails, hooks = received(demo.inbox)
+                mails, hooks = inbox.counts(demo.receivers_log)
                 with watcher.lock:
                     snap = Snapshot(
-                        t, watcher.state, stats, len(mails), len(hooks), notifier,
+                        t, watcher.state, stats, mails, hooks, notifier,
                         demo.dashboard, story,
                     )  # fmt: skip
                     view.update(snap)
@@ -251,9 +256,9 @@ def summary(
             f"  predictions         {len(preds)}: {' -> '.join(collapse(preds)) or '-'}",
         ]
         ok &= produced > 0 and left == 0 and stored == produced
-    mails, hooks = received(demo.inbox)
+    mails, hooks = inbox.counts(demo.receivers_log)
     lines.append(
-        f"notifications       {len(mails)} emails, {len(hooks)} webhook calls"
+        f"notifications       {mails} emails, {hooks} webhook calls"
         + ("" if notifier else " (the processor has no notifier yet: not required)")
     )
     a, b = PLANT_A, PLANT_B
@@ -264,8 +269,8 @@ def summary(
         f"{b}: Kafka outage filled the buffer": outage_done and stats[b].max_buffered > 0,
     }
     if notifier:
-        checks[f"{a}: email received"] = len(mails) >= 1
-        checks[f"{a}: webhook received"] = len(hooks) >= 1
+        checks[f"{a}: email received"] = mails >= 1
+        checks[f"{a}: webhook received"] = hooks >= 1
     story_due = time.time() - demo.story_start >= STORY_END  # an early Ctrl-C cut it short
     for what, passed in checks.items():
         lines.append(f"  {'ok  ' if passed else 'MISSING'} {what}")

@@ -37,13 +37,14 @@ def main() -> None:
 
 
 # Command groups register themselves on ``app`` here, after it exists.
-from gateway.cli import calibrate, ml, processor, query, run, simulate  # noqa: E402
+from gateway.cli import alerts, calibrate, ml, processor, query, run, simulate  # noqa: E402
 
 app.add_typer(calibrate.app, name="calibrate")
 app.command("simulate")(simulate.simulate)
 app.add_typer(processor.app, name="processor")
 app.add_typer(query.app, name="query")
 app.add_typer(ml.app, name="ml")
+app.add_typer(alerts.app, name="alerts")
 app.command("run")(run.run)
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 config_app.command("check")(run.check)

@@ -55,7 +55,7 @@ def check_reading_field(key: str, name: str, value: str) -> None:
 GATEWAY_SECTIONS = frozenset(
     {"gateway", "modbus", "mqtt", "calibration", "deadletter", "buffer", "kafka", "http"}
 )
-PROCESSOR_SECTIONS = frozenset({"processor", "influxdb", "ml"})
+PROCESSOR_SECTIONS = frozenset({"processor", "influxdb", "ml", "notifications"})
 SHARED_SECTIONS = frozenset({"validation", "alarms"})
 
 

@@ -145,3 +145,22 @@ class Metrics:
         self.ml_breaker_open = Gauge(
             "iot_ml_breaker_open", "1 while the ML API's circuit breaker is open", registry=r
         )
+        self.notifications_sent = Counter(
+            "iot_notifications_sent_total", "Notifications delivered, by channel", ["channel"],
+            registry=r,
+        )  # fmt: skip
+        self.notifications_failed = Counter(
+            "iot_notifications_failed_total",
+            "Notification attempts that failed (retried until given up), by channel",
+            ["channel"],
+            registry=r,
+        )
+        self.notification_queue = Gauge(
+            "iot_notification_queue_depth", "Notifications waiting to be sent, by channel",
+            ["channel"], registry=r,
+        )  # fmt: skip
+        self.notification_oldest_age = Gauge(
+            "iot_notification_oldest_unsent_seconds",
+            "Age of the oldest notification not yet sent (0 when none waits)",
+            registry=r,
+        )

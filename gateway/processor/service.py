@@ -29,6 +29,8 @@ from gateway.common.stage import Health
 from gateway.common.supervise import Heartbeat, Signals, StageDied, Supervisor, reloading_fields
 from gateway.common.validate import Validator
 from gateway.processor.aggregate import WindowAggregate
+from gateway.processor.alerting.api import attach_api
+from gateway.processor.alerting.notifier import AlertNotifier
 from gateway.processor.consume import RawConsumer
 from gateway.processor.events import Listener
 from gateway.processor.follow import TopicFollower
@@ -64,6 +66,8 @@ class ProcessorService:
         self.live: LiveHub | None = None
         self.follower: TopicFollower | None = None
         self._queries: Queries | None = None
+        self.notifier: AlertNotifier | None = None
+        token = b""
         listeners: list[Listener] = []
         callbacks = list(on_prediction)
         if cfg.http_port:
@@ -71,11 +75,13 @@ class ProcessorService:
             self.http = HttpServer(HttpConfig(host=cfg.http_host, port=cfg.http_port), self.metrics)
             self.http.add_check("kafka", self.check_kafka)
             self.http.add_check("influxdb", self.check_influxdb)
-            token = secret(cfg.http_token, source=settings.source, key="processor.http_token")
+            token = secret(
+                cfg.http_token, source=settings.source, key="processor.http_token"
+            ).encode()
             influx = settings.influxdb
             self._queries = Queries(influx.client(settings.source), influx)
             self.live = LiveHub(
-                settings.alarms, self.metrics, token=token.encode(), stored_history=self._windows
+                settings.alarms, self.metrics, token=token, stored_history=self._windows
             )
             self.live.attach(self.http)
             listeners.append(self.live)
@@ -89,6 +95,23 @@ class ProcessorService:
                     hub=self.live,
                     metadata_refresh_ms=cfg.metadata_refresh_ms,
                 )
+        if settings.notifications.enabled:
+            live = self.live
+            self.notifier = AlertNotifier(
+                settings.notifications,
+                self._kafka_conf,
+                alerts_topic=cfg.alerts_topic,
+                group_prefix=cfg.group_id,
+                influx=settings.influxdb,
+                metrics=self.metrics,
+                source=settings.source,
+                on_change=None if live is None else (lambda events: live.on_followed(events, [])),
+                metadata_refresh_ms=cfg.metadata_refresh_ms,
+                session_timeout_ms=cfg.session_timeout_ms,
+            )
+            if self.http is not None:
+                self.http.add_check("notifier", self.notifier.health)
+                attach_api(self.http, self.notifier, token)
         self.predictor: Predictor | None = None
         if settings.ml.enabled:
             self.predictor = Predictor(
@@ -117,7 +140,7 @@ class ProcessorService:
 
     def heartbeats(self) -> list[Heartbeat]:
         beats = self.consumer.heartbeats()
-        for stage in (self.predictor, self.follower):
+        for stage in (self.predictor, self.follower, self.notifier):
             if stage is not None:
                 beats.extend(stage.heartbeats())
         return beats
@@ -136,6 +159,8 @@ class ProcessorService:
             self.http.start()
         if self.follower is not None:
             self.follower.start()
+        if self.notifier is not None:
+            self.notifier.start()
         if self.predictor is not None:
             self.predictor.start()
         self.consumer.start()
@@ -146,6 +171,8 @@ class ProcessorService:
             self.predictor.stop()
         if self.follower is not None:
             self.follower.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self.http is not None:
             self.http.stop()
         if self._queries is not None:

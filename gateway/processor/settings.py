@@ -1,8 +1,9 @@
 """The processor's configuration: its sections of the shared config file.
 
 TOML sections: ``[processor]`` (Kafka and the consumer group), ``[influxdb]``, ``[ml]`` (the
-predictions) and, shared with the gateway, ``[validation]`` and ``[alarms]``. Other sections (the
-gateway's) are ignored here. The environment's ``ML_API_URL``, when set, overrides ``ml.api_url``.
+predictions), ``[notifications]`` (alert channels and routes, ``alerting.config``) and, shared
+with the gateway, ``[validation]`` and ``[alarms]``. Other sections (the gateway's) are ignored
+here. The environment's ``ML_API_URL``, when set, overrides ``ml.api_url``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gateway.common.alarms import AlarmConfig
 from gateway.common.config import SECRET, ConfigError, build, check_sections, load_toml
 from gateway.common.kafka import KafkaConnection
 from gateway.common.validate import ValidationConfig
+from gateway.processor.alerting.config import NotificationsConfig
 from gateway.processor.predict import MlConfig
 from gateway.processor.store import InfluxConfig
 
@@ -83,6 +85,7 @@ class ProcessorSettings:
     alarms: AlarmConfig
     source: str = "config"
     ml: MlConfig = field(default_factory=MlConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
 
 def load_processor_config(path: str | Path) -> ProcessorSettings:
@@ -103,6 +106,7 @@ def load_processor_config(path: str | Path) -> ProcessorSettings:
         alarms=section(AlarmConfig, "alarms"),
         source=src,
         ml=load_ml_section(data, src),
+        notifications=section(NotificationsConfig, "notifications"),
     )
 
 

@@ -10,6 +10,7 @@ from scripts.demolib.story import FLOW_METER, HTTP_SENSOR, MQTT_SENSOR, PLANTS, 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVERS = ROOT / "drivers"
 HTTP_TOKEN_VAR, DASHBOARD_TOKEN_VAR = "DEMO_HTTP_TOKEN", "DEMO_DASHBOARD_TOKEN"
+SMTP_PASSWORD_VAR, WEBHOOK_SECRET_VAR = "DEMO_SMTP_PASSWORD", "DEMO_WEBHOOK_SECRET"
 
 
 def gateway_toml(
@@ -123,27 +124,45 @@ def sensor_names() -> list[str]:
 
 
 def notifier_present() -> bool:
-    """Whether this processor sends notifications (issue 11's notifier)."""
+    """Whether this processor sends notifications (issue 11's alerting package)."""
     import importlib.util
 
-    return importlib.util.find_spec("gateway.processor.notify") is not None
+    return importlib.util.find_spec("gateway.processor.alerting") is not None
 
 
-def notify_toml(smtp_port: int, webhook_port: int) -> str:
-    """The processor's notification channels, pointed at the demo's receivers; empty while the
-    processor has no notifier (its config check would refuse the sections)."""
+def notify_toml(smtp_port: int, webhook_port: int, smtp_ca: Path, state: Path) -> str:
+    """The processor's notification channels, pointed at the demo's receivers (their credentials
+    in the environment: SMTP_PASSWORD_VAR, WEBHOOK_SECRET_VAR); empty while the processor has no
+    notifier (its config check would refuse the section)."""
     if not notifier_present():
         return ""
-    return f"""[notify.email]
+    return f"""[notifications]
+enabled = true
+state_path = "{state}"
+group_wait = 3.0                  # the demo's alarms are sent within seconds
+
+[notifications.email.ops]
 host = "127.0.0.1"
 port = {smtp_port}
+tls = "starttls"
+username = "alerts"
+password = "env:{SMTP_PASSWORD_VAR}"
+ca_file = "{smtp_ca}"
 sender = "edge-processor@plant.example"
-recipients = ["operator@plant.example"]
+to = ["operator@plant.example"]
 
-[notify.webhook]
-url = "http://127.0.0.1:{webhook_port}/chat"
+[notifications.webhook.chat]
+url = "http://127.0.0.1:{webhook_port}/hook"
+format = "generic"
+secret = "env:{WEBHOOK_SECRET_VAR}"
 
-[notify.routes]
-critical = ["email", "webhook"]
-warning = ["webhook"]
+[[notifications.routes]]
+levels = ["critical"]
+channels = ["ops", "chat"]
+resolved = false
+
+[[notifications.routes]]
+levels = ["warning"]
+channels = ["chat"]
+resolved = false
 """
