@@ -40,7 +40,7 @@ from scripts.demolib.procs import EXE, Procs  # noqa: E402
 from scripts.demolib.readback import Influx, collapse, end_offsets, kafka_seqs  # noqa: E402
 from scripts.demolib.story import OUTAGE, PLANT_A, PLANT_B, PLANTS, STORY_END  # noqa: E402
 from scripts.demolib.view import Snapshot, View  # noqa: E402
-from scripts.demolib.watch import GatewayStats, TopicWatcher, poll_gateway  # noqa: E402
+from scripts.demolib.watch import GatewayStats, TopicWatcher, poll_gateway, start_group_at_end  # noqa: E402
 from tests.support.net import TcpRelay, free_port  # noqa: E402
 from tests.support.services import read_env  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
@@ -80,10 +80,10 @@ class Demo:
         self.procs.spawn("receivers", *inbox.command(py, self.ports, self.certs))
         wait_until(lambda: inbox.ready(self.receivers_log), 60, "the receivers")
         self.procs.spawn("ml", *EXE, "ml", "serve", "--port", str(self.ports["ml"]))
-        cfg = self.dir / "processor.toml"
+        cfg, group = self.dir / "processor.toml", f"demo-{self.run_id}"
         cfg.write_text(
             processor_toml(
-                self.env, self.ports["processor"], self.ports["ml"], f"demo-{self.run_id}",
+                self.env, self.ports["processor"], self.ports["ml"], group,
                 notify_toml(
                     self.ports["smtp"], self.ports["webhook"], inbox.smtp_ca(self.certs),
                     self.dir / "alerts.db",
@@ -96,6 +96,10 @@ class Demo:
         )  # fmt: skip
         if setup.returncode != 0:
             raise SystemExit(f"setup-influx failed:\n{setup.stdout}{setup.stderr}")
+        # The run's notifier starts after the alerts earlier runs left on the topic.
+        start_group_at_end(
+            self.env["KAFKA_BOOTSTRAP_SERVERS"], f"{group}-alerts", ("sensors.alerts",)
+        )
         self.procs.spawn("processor", *EXE, "processor", "run", "--config", str(cfg))
 
     def start_plant(self, plant: str) -> None:

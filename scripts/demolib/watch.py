@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 TOPICS = ("sensors.validated", "sensors.alerts", "sensors.predictions")
@@ -162,3 +162,26 @@ def poll_gateway(port: int, prev: GatewayStats) -> GatewayStats:
         out.rate = max(0.0, received - n0) / (now - t0)
     out.max_buffered = max(prev.max_buffered, out.buffered)
     return out
+
+
+def start_group_at_end(bootstrap: str, group: str, topics: tuple[str, ...]) -> None:
+    """Commit ``group``'s offsets at the end of ``topics``, so a consumer group new to this run
+    (the notifier's) starts with what happens now, not with earlier runs' history."""
+    ensure_topics(bootstrap, topics)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        ends = []
+        for topic in topics:
+            for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
+                for _ in range(50):  # a partition just created may not have its leader yet
+                    try:
+                        end = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                        break
+                    except KafkaException:
+                        time.sleep(0.2)
+                else:
+                    raise RuntimeError(f"no leader for {topic}[{p}]")
+                ends.append(TopicPartition(topic, p, end))
+        c.commit(offsets=ends, asynchronous=False)
+    finally:
+        c.close()
