@@ -29,6 +29,12 @@ settings.load_profile("gateway")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="also run the long soak and chaos tests")
+    parser.addoption(
+        "--minutes",
+        type=float,
+        default=None,
+        help="how long the chaos run kills components (default 2; 20 with --soak)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,6 +6,9 @@
 #   19092 PLAINTEXT      clients without auth, also the inter-broker listener
 #   19093 SASL_SSL       SCRAM-SHA-256, server cert from $CERTS (server.pem/server.key, CA ca.pem)
 #   19094 CONTROLLER     KRaft quorum
+#   19095 RELAYED        PLAINTEXT, advertised as 127.0.0.1:19096: a client that bootstraps there
+#                        reaches the broker only through whatever relays 19096 to 19095 (the
+#                        demo's cuttable proxy), so one client's network can fail alone
 # Clients read $VAR/kafka/env.
 
 KAFKA_POM=$ROOT/scripts/kafka/pom.xml
@@ -17,6 +20,8 @@ KAFKA_DATA=$KAFKA_DIR/data
 KAFKA_PLAIN_PORT=19092
 KAFKA_SASL_PORT=19093
 KAFKA_CONTROLLER_PORT=19094
+KAFKA_RELAYED_PORT=19095
+KAFKA_RELAYED_ADVERTISED_PORT=19096
 KAFKA_SASL_USER=edge
 KAFKA_HEAP=${KAFKA_HEAP:-512m}
 
@@ -90,9 +95,9 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PLAIN_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PLAIN_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PLAIN_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,RELAYED://127.0.0.1:$KAFKA_RELAYED_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PLAIN_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT,RELAYED://127.0.0.1:$KAFKA_RELAYED_ADVERTISED_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,RELAYED:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 
 sasl.enabled.mechanisms=SCRAM-SHA-256
@@ -163,6 +168,8 @@ KAFKA_SASL_MECHANISM=SCRAM-SHA-256
 KAFKA_SASL_USERNAME=$KAFKA_SASL_USER
 KAFKA_SASL_PASSWORD=$(_kafka_password)
 KAFKA_CA_FILE=$CERTS/ca.pem
+KAFKA_RELAYED_LISTENER=127.0.0.1:$KAFKA_RELAYED_PORT
+KAFKA_RELAYED_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_RELAYED_ADVERTISED_PORT
 EOF
   )
 }
@@ -181,7 +188,7 @@ kafka_up() {
     return 0
   fi
   local p
-  for p in $KAFKA_PLAIN_PORT $KAFKA_SASL_PORT $KAFKA_CONTROLLER_PORT; do
+  for p in $KAFKA_PLAIN_PORT $KAFKA_SASL_PORT $KAFKA_CONTROLLER_PORT $KAFKA_RELAYED_PORT; do
     port_free "$p" || die "kafka: port $p is taken by another process"
   done
   _kafka_write_config

@@ -15,7 +15,6 @@ The proof, after the last restart and a drain:
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import defaultdict
@@ -24,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from gateway.common.model import format_ts
 from tests.support.gateway_harness import (
     Gateway,
     GatewaySetup,
@@ -33,8 +31,9 @@ from tests.support.gateway_harness import (
     Simulator,
     buffer_state,
     init_buffer,
-    kafka_seqs,
+    numbered_message,
     stop_and_settle,
+    wait_all_in_kafka,
 )
 from tests.support.wait import wait_settled, wait_until
 
@@ -46,15 +45,7 @@ MQTT_SENSORS = 4
 
 
 def message(setup: GatewaySetup, n: int) -> tuple[str, bytes, int]:
-    sensor = f"mq-{n % MQTT_SENSORS}"
-    reading = {
-        "sensorId": sensor,
-        "parameter": "flow_rate",
-        "value": n,
-        "unit": "m3/h",
-        "timestamp": format_ts(time.time()),
-    }
-    return setup.json_topic(sensor), json.dumps(reading).encode(), n
+    return numbered_message(setup, n, MQTT_SENSORS)
 
 
 def mqtt_healthy(gw: Gateway) -> bool:
@@ -118,12 +109,7 @@ def test_sigkill_at_random_moments_loses_no_committed_or_acknowledged_reading(
             last = stop_and_settle(gw, setup.buffer_path)
             boundaries.append(last)
             everything = set(range(seq0 + 1, last + 1))
-            wait_settled(
-                lambda: len(kafka_seqs(kafka, setup.gateway_id)),
-                lambda: everything <= kafka_seqs(kafka, setup.gateway_id),
-                300,
-                "every committed seq in Kafka",
-            )
+            wait_all_in_kafka(kafka, setup.gateway_id, everything)
             time.sleep(2)  # let late duplicates, if any, arrive too
         finally:
             if publisher is not None:

@@ -1,4 +1,4 @@
-"""What the tests, ``scripts/demo_plant.py`` and ``scripts/bench`` share, imported one way:
+"""What the tests, ``scripts/demo_plants.py`` and ``scripts/bench`` share, imported one way:
 ``from tests.support.<module> import ...`` (the scripts put the repository root on sys.path).
 
 wait.py      polling until a condition holds

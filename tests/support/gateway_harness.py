@@ -31,8 +31,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.common.model import format_ts
 from tests.support.services import ROOT
-from tests.support.wait import wait_until
+from tests.support.wait import wait_settled, wait_until
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 # The three probes of the end-to-end and crash tests, all on one pty: the UV254 probe's BOD reads
@@ -450,6 +451,15 @@ class KafkaCollector:
 # --- MQTT ----------------------------------------------------------------------------------------
 
 
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged the publish; one paho refused to queue (not connected at
+    the time: the device knows it failed) never was."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
+
 class Publisher:
     """A QoS 1 MQTT v5 publisher that records which publishes the broker accepted (PUBACK with a
     success reason code)."""
@@ -494,7 +504,7 @@ class Publisher:
             return [
                 ident
                 for ident, info in self._sent
-                if info.is_published() and info.mid not in self._refused
+                if _published(info) and info.mid not in self._refused
             ]
 
     def wait_all_acknowledged(self, timeout: float = 60.0) -> None:
@@ -524,6 +534,20 @@ class Publisher:
         self.client.loop_stop()
 
 
+def numbered_message(setup: GatewaySetup, n: int, sensors: int) -> tuple[str, bytes, int]:
+    """The n-th publish of a test's MQTT device: a flow reading of sensor ``mq-<n % sensors>``
+    whose value is ``n`` (its identity), as (topic, payload, n)."""
+    sensor = f"mq-{n % sensors}"
+    reading = {
+        "sensorId": sensor,
+        "parameter": "flow_rate",
+        "value": n,
+        "unit": "m3/h",
+        "timestamp": format_ts(time.time()),
+    }
+    return setup.json_topic(sensor), json.dumps(reading).encode(), n
+
+
 # --- what the gateway committed ------------------------------------------------------------------
 
 
@@ -540,6 +564,17 @@ def init_buffer(path: Path, gateway_id: str) -> int:
 
 def kafka_seqs(collector: KafkaCollector, gateway_id: str) -> set[int]:
     return {m.value["seq"] for m in collector.snapshot(gateway_id=gateway_id)}
+
+
+def wait_all_in_kafka(collector: KafkaCollector, gateway_id: str, seqs: set[int]) -> None:
+    """Until every one of ``seqs`` has arrived (or nothing more arrives: the caller's assertions
+    then name what is missing)."""
+    wait_settled(
+        lambda: len(kafka_seqs(collector, gateway_id)),
+        lambda: seqs <= kafka_seqs(collector, gateway_id),
+        300,
+        "every committed seq in Kafka",
+    )
 
 
 def _forwarded(buffer_path: Path, ids: set[int]) -> bool:

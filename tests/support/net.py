@@ -18,12 +18,14 @@ class TcpRelay:
     """A TCP relay on 127.0.0.1 to ``host:port`` that misbehaves on demand, as a flaky network does:
     ``hold_upstream`` drops what clients send (e.g. an MQTT client's acks never reach the broker)
     while their connections stay up; ``cut()`` closes every current connection. New connections
-    are relayed as they come."""
+    are relayed as they come, unless the relay is ``down()``: then it accepts and closes at once,
+    as a broken WAN link does, until ``up()``. ``listen`` picks its port (0: any free one)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, listen: int = 0) -> None:
         self.target = (host, port)
         self.hold_upstream = False
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.refusing = False
+        self._listener = socket.create_server(("127.0.0.1", listen))
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
@@ -36,6 +38,9 @@ class TcpRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
+            if self.refusing:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(self.target, timeout=10)
             except OSError:
@@ -72,6 +77,14 @@ class TcpRelay:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()
+
+    def down(self) -> None:
+        """Break the link: cut every connection and refuse new ones until ``up()``."""
+        self.refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        self.refusing = False
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -281,9 +282,17 @@ token = "env:INFLUXDB_TOKEN"
         )
         text = path.read_text()
         for section, values in self.settings.items():
-            lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
             head = f"[{section}]\n"
-            text = text.replace(head, head + lines) if head in text else text + head + lines
+            for k, v in values.items():  # a key the template has is replaced, others added
+                line = f"{k} = {json.dumps(v)}"
+                if re.search(rf"^{re.escape(k)} = .*$", text, flags=re.M) and head in text:
+                    text = re.sub(rf"^{re.escape(k)} = .*$", line, text, count=1, flags=re.M)
+                else:
+                    text = (
+                        text.replace(head, head + line + "\n")
+                        if head in text
+                        else (text + head + line + "\n")
+                    )
         path.write_text(text)
         return path
 
