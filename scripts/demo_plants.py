@@ -40,7 +40,13 @@ from scripts.demolib.procs import EXE, Procs  # noqa: E402
 from scripts.demolib.readback import Influx, collapse, end_offsets, kafka_seqs  # noqa: E402
 from scripts.demolib.story import OUTAGE, PLANT_A, PLANT_B, PLANTS, STORY_END  # noqa: E402
 from scripts.demolib.view import Snapshot, View  # noqa: E402
-from scripts.demolib.watch import GatewayStats, TopicWatcher, poll_gateway, start_group_at_end  # noqa: E402
+from scripts.demolib.watch import (  # noqa: E402
+    GatewayStats,
+    PlantState,
+    TopicWatcher,
+    poll_gateway,
+    start_group_at_end,
+)
 from tests.support.net import TcpRelay, free_port  # noqa: E402
 from tests.support.services import read_env  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
@@ -96,10 +102,10 @@ class Demo:
         )  # fmt: skip
         if setup.returncode != 0:
             raise SystemExit(f"setup-influx failed:\n{setup.stdout}{setup.stderr}")
-        # The run's notifier starts after the alerts earlier runs left on the topic.
-        start_group_at_end(
-            self.env["KAFKA_BOOTSTRAP_SERVERS"], f"{group}-alerts", ("sensors.alerts",)
-        )
+        # The run's processor and notifier start after what earlier runs left on the topics.
+        kafka = self.env["KAFKA_BOOTSTRAP_SERVERS"]
+        start_group_at_end(kafka, group, tuple(f"sensors.raw.{p}" for p in PLANTS))
+        start_group_at_end(kafka, f"{group}-alerts", ("sensors.alerts",))
         self.procs.spawn("processor", *EXE, "processor", "run", "--config", str(cfg))
 
     def start_plant(self, plant: str) -> None:
@@ -191,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
                     stats[p] = poll_gateway(demo.gw_ports[p]["http"], stats[p])
                 mails, hooks = inbox.counts(demo.receivers_log)
                 with watcher.lock:
+                    narrate(story, t, watcher.state[PLANT_A], mails, hooks)
                     snap = Snapshot(
                         t, watcher.state, stats, mails, hooks, notifier,
                         demo.dashboard, story,
@@ -284,6 +291,29 @@ def summary(
     )
     print("\n".join(lines), flush=True)
     return 0 if ok else 1
+
+
+def narrate(story: list[str], t: float, st: PlantState, mails: int, hooks: int) -> None:
+    """Adds each of plant A's story events once, as it is first seen."""
+    raised = [e for e in st.events.values() if e.get("state") != "cleared"]
+    events = {
+        "warning": next((e for e in raised if e["level"] == "warning"), None),
+        "critical": next((e for e in raised if e["level"] == "critical"), None),
+    }
+    lines = [
+        f"{PLANT_A}: {lvl} alarm, {e['parameter']} at {e['sensorId']}"
+        for lvl, e in events.items()
+        if e is not None
+    ]
+    if mails:
+        lines.append(f"{PLANT_A}: email received")
+    if hooks:
+        lines.append(f"{PLANT_A}: webhook received")
+    if len(st.classes()) > 1:
+        lines.append(f"{PLANT_A}: prediction {st.classes()[0]} -> {st.classes()[1]}")
+    for line in lines:
+        if not any(told.endswith(line) for told in story):
+            story.append(f"t+{t:.0f}s {line}")
 
 
 def take_screenshots(where: Path, snap: Snapshot, dashboard: str) -> None:

@@ -4,6 +4,7 @@ or plain status lines every few seconds when stdout is not a terminal."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +115,12 @@ def plain_line(s: Snapshot) -> str:
     parts = [time.strftime("%H:%M:%S"), f"t+{s.elapsed:.0f}s"]
     for name, st in s.plants.items():
         gw = s.gateways[name]
-        levels = {e["level"] for e in st.active()}
+        levels = Counter(e["level"] for e in st.active())
+        alarms = ", ".join(f"{n} {lvl}" for lvl, n in sorted(levels.items())) or "none"
         pred = st.predictions[-1][1] if st.predictions else "-"
         parts.append(
-            f"{name}: gw {gw.status} {gw.rate:.1f}/s buffer {gw.buffered}, "
-            f"{len(st.active())} active alarms {sorted(levels) or ''}, prediction {pred}"
+            f"{name}: gateway {gw.status} {gw.rate:.1f}/s buffer {gw.buffered}, "
+            f"alarms {alarms}, prediction {pred}"
         )
     parts.append(f"mail {s.mails} webhook {s.webhooks}")
     return " | ".join(parts)
@@ -130,7 +132,7 @@ class View:
     def __init__(self, console: Console | None = None, every: float = 5.0) -> None:
         self.console = console or Console()
         self.tty = self.console.is_terminal
-        self.every, self._last = every, 0.0
+        self.every, self._last, self._told = every, 0.0, 0
         self.live: Live | None = None
 
     def __enter__(self) -> View:
@@ -147,6 +149,10 @@ class View:
     def update(self, s: Snapshot) -> None:
         if self.live is not None:
             self.live.update(render(s), refresh=True)
-        elif time.monotonic() - self._last >= self.every:
+            return
+        for event in s.story[self._told :]:  # story events as they happen
+            print(f"{time.strftime('%H:%M:%S')} | {event}", flush=True)
+        self._told = len(s.story)
+        if time.monotonic() - self._last >= self.every:
             self._last = time.monotonic()
             print(plain_line(s), flush=True)
