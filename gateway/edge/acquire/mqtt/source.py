@@ -84,6 +84,10 @@ class MqttConfig:
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 60
     max_payload_bytes: int = 65536
+    # 0: one paho client in the gateway's process (the default). N > 0: N worker processes, each
+    # a paho client on a shared subscription ($share/...) that receives and parses, feeding the
+    # one buffer writer (workers.py). Its sessions are not the in-process one's: see README.
+    workers: int = 0
     subscriptions: list[Subscription] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,8 @@ class MqttConfig:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if not 0 < self.receive_maximum < 65536:
             raise ValueError("receive_maximum must be 1-65535")
+        if not 0 <= self.workers <= 64:
+            raise ValueError(f"workers must be 0-64, got {self.workers}")
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
             raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
         if self.enabled and not self.subscriptions:
@@ -158,8 +164,10 @@ class MqttSource:
         *,
         receipts: Receipts | None = None,
         log_interval: float = 10.0,
+        share_group: str = "",
     ) -> None:
         self.config = config
+        self._share = f"$share/{share_group}/" if share_group else ""  # a worker's filters
         self._sink = sink
         self._metrics = metrics
         self._dead = dead_letters
@@ -332,7 +340,7 @@ class MqttSource:
             self._connected_at = time.time()
             self._redelivered = set()
         log.info("MQTT connected to %s (session present: %s)", self._where(), flags.session_present)
-        subs = [(s.topic, s.qos) for s in self.config.subscriptions]
+        subs = [(self._share + s.topic, s.qos) for s in self.config.subscriptions]
         if subs:
             client.subscribe(subs)
 
