@@ -81,6 +81,7 @@ class _Uplink:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._items: list[tuple[Any, ...]] = []
         self._token = 0
@@ -166,10 +167,15 @@ class _Uplink:
                 last_health = (ok, detail)
                 items.append(("h", ok, detail))
             if items:
-                try:
-                    self._conn.send(("m", items))
-                except OSError:
-                    os._exit(0)  # the gateway is gone
+                self.send(("m", items))
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        """One sender at a time: a message is written in more than one piece."""
+        with self._send_lock:
+            try:
+                self._conn.send(msg)
+            except OSError:
+                os._exit(0)  # the gateway is gone
 
     def settle(self, tokens: list[int], durable: bool) -> None:
         with self._cond:
@@ -207,8 +213,10 @@ def worker_main(
     """A worker process: an MqttSource on shared subscriptions whose sink is the pipe ``up``;
     ``down`` brings acks and the stop. Exits when the gateway's end of the pipe closes."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway stops its workers itself
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The gateway stops its workers itself, in order (a stop from systemd reaches the whole
+    # control group, a Ctrl-C the whole process group): drained, acks confirmed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"mqtt-w{index} %(levelname)s %(message)s")
     uplink = _Uplink(up)
     cfg = dataclasses.replace(config, client_id=client_id_of(config, gateway_id, index))
@@ -242,8 +250,7 @@ def worker_main(
             def stop(drain: float, ack: float) -> None:
                 uplink.close()
                 source.stop(drain_timeout=drain, ack_timeout=ack)
-                with contextlib.suppress(OSError):
-                    up.send(("bye",))
+                uplink.send(("bye",))
                 os._exit(0)
 
             stopper = threading.Thread(target=stop, args=msg[1:], daemon=True)
