@@ -26,6 +26,7 @@ from gateway.common.validate import Validator
 from gateway.edge.acquire.http import HttpIngest
 from gateway.edge.acquire.modbus.engine import ModbusEngine
 from gateway.edge.acquire.mqtt.source import MqttSource
+from gateway.edge.acquire.mqtt.workers import MqttWorkers
 from gateway.edge.buffer import Buffer
 from gateway.edge.calibrate import CalibrationStore
 from gateway.edge.calibration_api import CalibrationApi, api_file
@@ -85,8 +86,11 @@ class GatewayDaemon:
             config.kafka, self.buffer, self.metrics, self.dead_letters, self.secrets.kafka
         )
         self.modbus = ModbusEngine(config.modbus, self.intake.sink_for("modbus"), self.metrics)
+        mqtt_kind: type[MqttSource] | type[MqttWorkers] = (
+            MqttWorkers if config.mqtt.workers else MqttSource
+        )
         self.mqtt = (
-            MqttSource(
+            mqtt_kind(
                 config.mqtt,
                 self.intake.sink_for("mqtt"),
                 self.metrics,

@@ -51,6 +51,30 @@ log = logging.getLogger(__name__)
 
 SOURCE = "mqtt"
 CONFIRM_INTERVAL_S = 1.0  # how often the broker is asked to confirm the acks sent since
+READ_BURST = 64  # packets read per wake-up of paho's network thread, when that many are waiting
+
+
+class _Client(mqtt.Client):
+    """paho's client, reading up to READ_BURST waiting packets per wake-up of its network loop.
+
+    paho's ``loop_read`` reads one packet per ``select()`` when nothing of ours is in flight (it
+    overrides its ``max_packets``), so a backlog costs a loop round and a syscall per message.
+    This is its body with the burst; it stops, as paho's does, at the first read that would
+    block."""
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        if self._sock is None:
+            return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+        burst = max(READ_BURST, len(self._out_messages) + len(self._in_messages))
+        for _ in range(burst):
+            if self._sock is None:
+                return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 def fingerprint(topic: str, payload: bytes) -> bytes:
@@ -84,6 +108,10 @@ class MqttConfig:
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 60
     max_payload_bytes: int = 65536
+    # 0: one paho client in the gateway's process (the default). N > 0: N worker processes, each
+    # a paho client on a shared subscription ($share/...) that receives and parses, feeding the
+    # one buffer writer (workers.py). Its sessions are not the in-process one's: see README.
+    workers: int = 0
     subscriptions: list[Subscription] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,6 +119,8 @@ class MqttConfig:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if not 0 < self.receive_maximum < 65536:
             raise ValueError("receive_maximum must be 1-65535")
+        if not 0 <= self.workers <= 64:
+            raise ValueError(f"workers must be 0-64, got {self.workers}")
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
             raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
         if self.enabled and not self.subscriptions:
@@ -158,8 +188,10 @@ class MqttSource:
         *,
         receipts: Receipts | None = None,
         log_interval: float = 10.0,
+        share_group: str = "",
     ) -> None:
         self.config = config
+        self._share = f"$share/{share_group}/" if share_group else ""  # a worker's filters
         self._sink = sink
         self._metrics = metrics
         self._dead = dead_letters
@@ -195,7 +227,7 @@ class MqttSource:
 
     def start(self) -> None:
         cfg = self.config
-        client = mqtt.Client(
+        client = _Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=mqtt.MQTTv5,
@@ -332,7 +364,7 @@ class MqttSource:
             self._connected_at = time.time()
             self._redelivered = set()
         log.info("MQTT connected to %s (session present: %s)", self._where(), flags.session_present)
-        subs = [(s.topic, s.qos) for s in self.config.subscriptions]
+        subs = [(self._share + s.topic, s.qos) for s in self.config.subscriptions]
         if subs:
             client.subscribe(subs)
 
