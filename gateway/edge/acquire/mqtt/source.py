@@ -54,6 +54,12 @@ CONFIRM_INTERVAL_S = 1.0  # how often the broker is asked to confirm the acks se
 READ_BURST = 64  # packets read per wake-up of paho's network thread, when that many are waiting
 
 
+# The burst below calls paho internals (2.1, 2.2); any other layout falls back to paho's loop_read.
+_PAHO_HAS_PACKET_READ = all(
+    hasattr(mqtt.Client, name) for name in ("_packet_read", "_loop_rc_handle")
+)
+
+
 class _Client(mqtt.Client):
     """paho's client, reading up to READ_BURST waiting packets per wake-up of its network loop.
 
@@ -63,6 +69,8 @@ class _Client(mqtt.Client):
     block."""
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        if not _PAHO_HAS_PACKET_READ:  # a paho whose internals differ: its own loop, unchanged
+            return super().loop_read(max_packets)
         if self._sock is None:
             return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
         burst = max(READ_BURST, len(self._out_messages) + len(self._in_messages))
