@@ -190,22 +190,7 @@ def kafka_checks(settings: dict[str, Any], topics: list[str], timeout: float) ->
 
     where = str(settings.get("bootstrap.servers"))
     errors: list[str] = []
-    conf = {
-        k: v
-        for k, v in settings.items()
-        if not k.startswith(
-            (
-                "enable.idem",
-                "acks",
-                "max.in",
-                "compression",
-                "linger",
-                "batch",
-                "message.timeout",
-                "queue.buffering",
-            )
-        )
-    }
+    conf = dict(settings)
     conf["error_cb"] = lambda err: errors.append(str(err))
     conf["log_level"] = 0  # the failures are reported here, once
     admin = AdminClient(conf)
@@ -245,7 +230,9 @@ def kafka(
 
     cfg = stores.load(config)
     try:
-        settings = cfg.kafka.producer_config()
+        # the connection the forwarder uses, without its producer tuning
+        settings = cfg.kafka.client_conf(client_id="edge-gateway-diag", section="kafka")
+        settings |= cfg.kafka.extra
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
