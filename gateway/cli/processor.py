@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer import Option
 
-from gateway.cli.run import run_daemon
 from gateway.common.config import ConfigError
+from gateway.common.serve import exec_daemon
 
 if TYPE_CHECKING:  # the service pulls in Kafka and InfluxDB clients: import them only when used
     from gateway.processor.settings import ProcessorSettings
@@ -37,9 +37,7 @@ def run(
     log_level: Annotated[str, Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Consume raw readings until SIGTERM or Ctrl-C: validate, alarm, aggregate, store."""
-    from gateway.processor.service import run_until_signalled
-
-    run_daemon(run_until_signalled, config, log_level, "edge-processor")
+    exec_daemon("edge-processor", config, log_level)
 
 
 @app.command("setup-influx")

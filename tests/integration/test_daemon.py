@@ -218,6 +218,23 @@ def test_an_unknown_config_key_stops_the_gateway_naming_file_and_key(
     assert not setup.buffer_path.exists()  # nothing was started
 
 
+def test_the_running_gateway_holds_the_daemon_not_the_cli(tmp_path: Path) -> None:
+    """``edge-gateway run`` execs the daemon's own entry point (same pid): the long-running process
+    carries neither the CLI's modules nor typer's pydantic (about 10 MB of RSS)."""
+    gw = Gateway(GatewaySetup(tmp_path, UNREACHABLE_KAFKA).write(), tmp_path / "logs")
+    gw.start()
+    try:
+        gw.wait_serving()
+        assert gw.proc is not None
+        proc = Path(f"/proc/{gw.proc.pid}")
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        assert b"gateway.common.serve" in cmdline, cmdline
+        maps = (proc / "maps").read_text()
+        assert "pydantic_core" not in maps and "librdkafka" in maps
+    finally:
+        assert gw.terminate() == 0, gw.log()
+
+
 OVERFLOW_BOUND = 40  # rows: a small buffer fills within seconds at 0.2 s polls
 
 
