@@ -31,6 +31,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from gateway.common.kafka import KafkaConnection
 from gateway.common.logs import RateLimitedLog
+from gateway.common.memory import trim_heap
 from gateway.common.metrics import Metrics
 from gateway.common.stage import Health
 from gateway.common.supervise import Heartbeat
@@ -67,6 +68,7 @@ PERMANENT_ERRORS = frozenset(
     }
 )
 DOWN_GRACE_S = 10.0
+TRIM_AFTER_IN_FLIGHT = 2000  # rows in flight at once: then the heap is trimmed once none are
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 Outcome = Literal["poison", "retry", "fatal", "refused"]
@@ -249,6 +251,7 @@ class Forwarder:
         self._cursor = 0  # highest row id produced
         self._generation = buffer.generation  # of the buffer file the cursor is about
         self._in_flight = 0
+        self._in_flight_peak = 0  # most rows in flight since the heap was last trimmed
         self._acked: list[int] = []
         self._acked_topics: Counter[str] = Counter()
         self._failed: list[_Failure] = []
@@ -424,6 +427,7 @@ class Forwarder:
         if n and not self._in_flight:
             self._busy_since = time.monotonic()
         self._in_flight += n
+        self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
         return n
 
     def _on_delivery(
@@ -471,6 +475,11 @@ class Forwarder:
             if self._backoff.settled(self._acked) or self._backoff.row is None:
                 self._clear_problem()
             self._acked = []
+            if not self._in_flight and self._in_flight_peak >= TRIM_AFTER_IN_FLIGHT:
+                # A backlog went out: what librdkafka and the rows took is free now, but glibc
+                # would keep it as RSS (~10 MB after 10,000 in flight) until the next backlog.
+                self._in_flight_peak = 0
+                trim_heap()
 
     def _dead_letter(self, failure: _Failure) -> bool:
         """Store a row Kafka refused for good in the dead-letter store, durably (the caller then

@@ -295,3 +295,25 @@ def test_a_refused_password_says_how_to_change_it(
     else:
         assert str(wrong) in error and "reload" in error, error
         assert "restart" not in error, error
+
+
+def test_the_heap_is_trimmed_once_a_backlog_is_out_not_for_live_readings(
+    kafka_env, buffer, metrics, dead_letters, monkeypatch
+):
+    """After a backlog drains, what it took in librdkafka and Python is handed back to the system
+    (glibc would keep it as RSS); the few rows in flight of a steady flow trim nothing."""
+    trims: list[float] = []
+    monkeypatch.setattr("gateway.edge.forward.trim_heap", lambda: trims.append(time.monotonic()))
+    plant = f"trim{uuid.uuid4().hex[:8]}"
+    buffer.submit_wait([reading(i, f"s{i % 10}", plant) for i in range(5000)], 30)
+    fwd = Forwarder(plain(kafka_env), buffer, metrics, dead_letters)
+    fwd.start()
+    try:
+        wait_until(lambda: buffer.stats()["rows"] == 0, 60, "the backlog sent")
+        wait_until(lambda: len(trims) == 1, 10, "the heap trimmed")
+        for i in range(20):
+            buffer.submit_wait([reading(i, "live", plant)], 10)
+        wait_until(lambda: buffer.stats()["rows"] == 0, 30, "the live rows sent")
+        assert len(trims) == 1
+    finally:
+        fwd.stop()
