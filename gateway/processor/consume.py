@@ -169,6 +169,7 @@ class RawConsumer:
                 dead_letter_topic=self.config.dead_letter_topic,
                 max_lines=self.config.max_lines_in_flight,
                 retry_max_seconds=self.config.retry_max_seconds,
+                writes=self.config.writes_in_flight,
                 observer=self.observer,
             )
             writer.start()
