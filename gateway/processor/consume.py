@@ -22,6 +22,7 @@ takes batches again.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import threading
@@ -168,6 +169,7 @@ class RawConsumer:
                 dead_letter_topic=self.config.dead_letter_topic,
                 max_lines=self.config.max_lines_in_flight,
                 retry_max_seconds=self.config.retry_max_seconds,
+                writes=self.config.writes_in_flight,
                 observer=self.observer,
             )
             writer.start()
@@ -179,6 +181,11 @@ class RawConsumer:
                 on_lost=self._on_lost,
             )
             self.running = True
+            # What exists by now (modules, clients, config) lives as long as the process: out of
+            # the collector's full passes, which otherwise walk it all while every thread waits
+            # (measured at 10,000 readings/s: 29-67 ms once every 5-15 s, 4-7 ms once frozen).
+            gc.collect()
+            gc.freeze()
             try:
                 while not self._stop.is_set():
                     self._beat.beat()

@@ -2,10 +2,10 @@
 
 Messages are produced as soon as a batch is processed (pre-encoded bytes, constant headers) and
 confirmed later: each batch has a ``Delivery`` that its messages' reports count into, and the sink
-writer waits for it before the batch's offsets may be committed. Only the writer thread serves
-delivery reports (``poll``), so a ``Delivery``'s counters each have a single writer thread:
-``sent`` the consumer thread (or the writer, for retries, once the batch is handed over),
-``confirmed`` and ``failed`` the writer.
+writer waits for it before the batch's offsets may be committed. Only the writer threads serve
+delivery reports (``poll``), one at a time (a lock), so a ``Delivery``'s counters each have a
+single writer at a time: ``sent`` the consumer thread (or the writer, for retries, once the batch
+is handed over), ``confirmed`` and ``failed`` whichever writer thread serves the report.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Publisher:
     def __init__(self, conf: dict[str, Any], metrics: Metrics, stop: threading.Event) -> None:
         self.metrics = metrics
         self._stop = stop
+        self._poll_lock = threading.Lock()  # reports are served by one writer thread at a time
         self._producer = Producer(
             {
                 **conf,
@@ -100,11 +101,12 @@ class Publisher:
         delivery.topics[topic] += 1
 
     def confirm(self, delivery: Delivery, abandon: threading.Event) -> None:
-        """Wait until every message of ``delivery`` is confirmed (writer thread only). Failed ones
+        """Wait until every message of ``delivery`` is confirmed (writer threads only). Failed ones
         are produced again and PublishFailed raised, for the caller's back-off and retry."""
-        p = self._producer
+        p, lock = self._producer, self._poll_lock
         while delivery.pending > 0:
-            p.poll(0.005)
+            with lock:
+                p.poll(0.005)
             if abandon.is_set():
                 raise PublishFailed("stopping with messages unconfirmed")
         if delivery.failed:
@@ -121,7 +123,8 @@ class Publisher:
         delivery.topics.clear()
 
     def poll(self) -> None:
-        self._producer.poll(0)
+        with self._poll_lock:
+            self._producer.poll(0)
 
     def close(self) -> None:
         self._producer.flush(5.0)

@@ -39,6 +39,7 @@ class ProcessorConfig(KafkaConnection):
     batch_timeout: float = 0.5  # seconds to wait for a first message (then housekeeping runs)
     batch_linger: float = 0.005  # seconds a batch may fill once a message came (latency cost)
     max_lines_in_flight: int = 20_000  # processed lines waiting for the sinks (the memory bound)
+    writes_in_flight: int = 2  # sink writes at once; a slow one then delays only its own batch
     commit_interval: float = 1.0  # seconds between offset commits (replay after a crash)
     grace_seconds: float = 10.0  # how late a reading may be and still count in its window
     idle_flush_seconds: float = 70.0  # wall time without data after which a plant's windows close
@@ -66,6 +67,8 @@ class ProcessorConfig(KafkaConnection):
             )
         if self.max_lines_in_flight < 1 or self.commit_interval < 0:
             raise ValueError("max_lines_in_flight must be at least 1, commit_interval >= 0")
+        if not 1 <= self.writes_in_flight <= 16:
+            raise ValueError("writes_in_flight must be between 1 and 16")
         if self.grace_seconds < 0 or self.idle_flush_seconds <= 0:
             raise ValueError("grace_seconds must be >= 0 and idle_flush_seconds > 0")
         if not 0 <= self.http_port <= 65535:

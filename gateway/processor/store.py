@@ -219,7 +219,8 @@ def prediction_line(p: Prediction) -> str:
 class InfluxStore:
     """Synchronous, batched, gzip'd writes; raises StoreUnavailable when a retry may help.
 
-    Thread-safe enough for one writer thread plus ``ping`` from the health endpoint.
+    Thread-safe enough for the sink writer's threads (``writes_in_flight``; each request is its own
+    call on the client's connection pool) plus ``ping`` from the health endpoint.
     """
 
     def __init__(self, config: InfluxConfig, metrics: Metrics, *, source: str = "config") -> None:

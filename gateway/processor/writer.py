@@ -1,13 +1,15 @@
 """The sink writer: InfluxDB writes and Kafka confirmations, overlapped with the next batches.
 
 The consumer thread hands each processed batch over through a queue bounded in lines (its memory
-bound, whatever the batch sizes) and goes on with the next one. This thread writes the batches to
-InfluxDB, coalescing what is queued into requests of about ``batch_lines`` lines (small batches
-at a low rate, full ones under load), re-downsamples the hours (and ended days) that got windows
-too late for the hourly task (see ``provision``), then waits for the Kafka confirmations of their
-messages, and only then reports them done, in the order they were handed over. The consumer
-commits the offsets a batch recorded once it is done; since batches complete in order, every
-batch up to it has been written too.
+bound, whatever the batch sizes) and goes on with the next one. ``writes`` writer threads each
+take what is queued as soon as they are free, coalesced into requests of about ``batch_lines``
+lines (small batches at a low rate, full ones under load), write it to InfluxDB, re-downsample the
+hours (and ended days) that got windows too late for the hourly task (see ``provision``), then wait
+for the Kafka confirmations of its messages. A group is stored and published (the observer is
+told) as soon as its own writes are confirmed, so one slow InfluxDB request delays only its own
+readings, not every batch queued behind it. Groups are reported done for commit strictly in the
+order they were taken: the consumer commits the offsets a batch recorded once it is done, and
+every batch before it has been written too.
 
 Lines InfluxDB refuses for good go to the dead-letter topic (payload: the line; headers: reason
 ``influx_refused``, InfluxDB's message as detail, the bucket) and count into
@@ -77,6 +79,7 @@ class SinkWriter:
         dead_letter_topic: str = "sensors.deadletter",
         max_lines: int = 20_000,
         retry_max_seconds: float = 10.0,
+        writes: int = 2,
         observer: Observer | None = None,
     ) -> None:
         self.store = store
@@ -91,10 +94,13 @@ class SinkWriter:
         self._queued = 0  # sum of the queued batches' sizes
         self._unfinished = 0  # batches handed over and not done yet
         self._done: deque[Batch] = deque()
+        self._taken = 0  # groups taken by a writer thread, numbering them in queue order
+        self._released = 0  # groups reported done (all before them are too)
+        self._finished: dict[int, list[Batch]] = {}  # finished groups waiting for earlier ones
         self._closing = threading.Event()
         self._abandon = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._beat = Heartbeat("influxdb writer")
+        self._threads: list[threading.Thread] = []
+        self._beats = [Heartbeat(f"influxdb writer {i}") for i in range(max(1, writes))]
         # For /health: when a sink started failing, and why.
         self.down_since: float | None = None
         self.last_error = ""
@@ -103,12 +109,16 @@ class SinkWriter:
     # -- consumer side -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="processor-sinks", daemon=True)
-        self._thread.start()
-        self._beat.watch(self._thread)
+        for i, beat in enumerate(self._beats):
+            t = threading.Thread(
+                target=self._run, args=(beat,), name=f"processor-sinks-{i}", daemon=True
+            )
+            self._threads.append(t)
+            t.start()
+            beat.watch(t)
 
     def heartbeats(self) -> list[Heartbeat]:
-        return [self._beat]
+        return list(self._beats)
 
     def put(self, batch: Batch, timeout: float) -> bool:
         """Queue a batch; False if there was no room for it for ``timeout`` seconds."""
@@ -147,38 +157,42 @@ class SinkWriter:
         self._closing.set()
         if self.down_since is not None:
             self._abandon.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self._abandon.set()
-                self._thread.join(10.0)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            self._abandon.set()
+            for t in self._threads:
+                t.join(10.0)
 
     # -- writer thread -------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, beat: Heartbeat) -> None:
         try:
             while not self._abandon.is_set():
-                self._beat.beat()
-                group = self._next_group()
-                if group is None:
+                beat.beat()
+                taken = self._next_group()
+                if taken is None:
                     if self._closing.is_set():
                         return
                     continue
-                if not self._deliver(group):
+                seq, group = taken
+                if not self._deliver(group, beat):
                     return
-                now = time.time()
-                for b in group:
-                    self._done.append(b)
-                    if self.observer is not None and b.produced_ms is not None:
-                        self.observer(b.produced_ms, now)
-                with self._cond:
-                    self._unfinished -= len(group)
+                if self.observer is not None:
+                    now = time.time()
+                    for b in group:
+                        if b.produced_ms is not None:
+                            self.observer(b.produced_ms, now)
+                self._finish(seq, group)
         except BaseException as e:  # the consumer sees it and stops; systemd restarts us
             self.crashed = e
+            self._abandon.set()  # the other writers stop too: nothing after a gap is committed
             log.exception("processor sink writer stopped on an error")
 
-    def _next_group(self) -> list[Batch] | None:
-        """The next batch, plus any queued behind it while their lines fit one request."""
+    def _next_group(self) -> tuple[int, list[Batch]] | None:
+        """The next batch, plus any queued behind it while their lines fit one request, numbered
+        in queue order."""
         limit = self.store.config.batch_lines
         with self._cond:
             if not self._cond.wait_for(lambda: self._queue, 0.1):
@@ -191,10 +205,22 @@ class SinkWriter:
                 lines += len(b.lines)
                 size += b.size
             self._queued -= size
+            seq = self._taken
+            self._taken += 1
             self._cond.notify_all()
-        return group
+        return seq, group
 
-    def _deliver(self, group: list[Batch]) -> bool:
+    def _finish(self, seq: int, group: list[Batch]) -> None:
+        """Report the group done once every group taken before it is (commits stay in order)."""
+        with self._cond:
+            self._finished[seq] = group
+            while self._released in self._finished:
+                released = self._finished.pop(self._released)
+                self._done.extend(released)
+                self._unfinished -= len(released)
+                self._released += 1
+
+    def _deliver(self, group: list[Batch], beat: Heartbeat) -> bool:
         """Write the group to every sink, retrying; False only when abandoned unwritten."""
         attempt, steps = 0, set[str]()
         letters = Delivery()  # the group's lines InfluxDB refused, on their way to dead letters
@@ -211,7 +237,7 @@ class SinkWriter:
                 if self.down_since is None:
                     self.down_since = time.time()
                     log.error("sink down, consumption pauses when the queue is full: %s", e)
-                self._beat.beat()  # retrying a down sink is progress, not a wedge
+                beat.beat()  # retrying a down sink is progress, not a wedge
                 if self._abandon.wait(min(self.retry_max, 0.2 * 2 ** min(attempt, 10))):
                     return False
                 attempt += 1
