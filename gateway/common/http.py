@@ -199,10 +199,10 @@ class HttpServer:
         """The server's loop while it runs, for ``call_soon_threadsafe`` from other threads."""
         return self._loop
 
-    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the server's thread pool and await its result."""
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` in the server's thread pool: a future of its result, to await."""
         assert self._loop is not None
-        return await self._loop.run_in_executor(self._pool, fn, *args)
+        return self._loop.run_in_executor(self._pool, fn, *args)
 
     async def _monitor(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None

@@ -9,6 +9,10 @@ A reading that carries the device's own ``seq`` is committed with a receipt keye
 ``gatewayId`` (the device's id, if it sends one), sensor, parameter and seq, so a retry within
 ``RETRY_WINDOW_S`` is recognised and not stored again (also while the first copy still waits in
 the queue: the answer then waits for it). A reading without ``seq`` is stored each time it comes.
+
+On the server's loop, the requests that arrive in one pass of it go to the sink in one call (one
+pipeline pass, one buffer submission) and are answered together once that commit is durable:
+per-request costs (a thread hop, a future, a wake-up of the loop) would otherwise dominate.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -39,6 +43,21 @@ log = logging.getLogger(__name__)
 SOURCE = "http"
 PATH = "/api/readings"
 RETRY_WINDOW_S = 3600.0  # how long a device's (id, seq) is remembered to recognise its retries
+
+
+INLINE_BODY_BYTES = 65_536  # bodies up to this are parsed on the loop: the hop costs more
+
+
+@dataclass(slots=True)
+class Entry:
+    """One request's valid readings (with the receipt of each that carries its device's seq),
+    and once handed to the sink: the earlier deliveries it waits for and how many it repeats."""
+
+    readings: list[Reading]
+    receipts: list[Receipt | None]
+    earlier: list[Future[None]] = field(default_factory=list)
+    duplicates: int = 0
+    accepted: int = 0
 
 
 class HttpIngest:
@@ -62,7 +81,8 @@ class HttpIngest:
             token = secret(config.token, source="[http]", key="http.token")
         self._token = token.encode()
         self._reject_log = RateLimitedLog(log, 10.0)  # a misbehaving device must not flood it
-        self._waker: _Waker | None = None
+        self._batcher: _Batcher | None = None
+        self._handing = threading.Lock()
 
     def attach(self, server: HttpServer) -> None:
         disabled = "" if self._token else "HTTP ingest is disabled: set [http] token to enable it"
@@ -78,34 +98,35 @@ class HttpIngest:
     def ingest(self, body: bytes) -> Answer:
         """An authorized, size-checked body: parse, then commit through the sink (blocks until
         the commit or the timeout)."""
-        begun = self._begin(body)
-        if not isinstance(begun, _Pending):
-            return begun
-        timeout = max(0.0, begun.deadline - time.monotonic())
-        _, waiting = futures.wait(begun.waits, timeout)
-        return self._answer(begun, len(waiting))
+        entry = self.parse(body)
+        if not isinstance(entry, Entry):
+            return entry
+        deadline = time.monotonic() + self.config.commit_timeout_s
+        done = self.hand([entry])
+        if not isinstance(done, Future):
+            return done
+        _, waiting = futures.wait([*entry.earlier, done], max(0.0, deadline - time.monotonic()))
+        return self.answer(entry) if not waiting else _unavailable(_LATE)
 
     async def ingest_async(self, server: HttpServer, body: bytes) -> Answer:
-        """``ingest`` for the server's loop: parsing and handing to the sink run in its pool,
-        the wait for the commit on the loop, so a request waiting for its commit holds no thread
-        (the pool's size no longer bounds the requests in progress)."""
-        begun = await server.run_blocking(self._begin, body)
-        if not isinstance(begun, _Pending):
-            return begun
+        """``ingest`` for the server's loop: a small body is parsed on the loop, and the
+        requests of one loop pass go to the sink together (one call in the server's pool, one
+        commit, one wake-up of the loop for all of them), so a request waiting for its commit
+        holds no thread and costs no thread hop of its own."""
+        if len(body) > INLINE_BODY_BYTES:
+            entry = await server.run_blocking(self.parse, body)
+        else:
+            entry = self.parse(body)
+        if not isinstance(entry, Entry):
+            return entry
         loop = asyncio.get_running_loop()
-        waker = self._waker
-        if waker is None or waker.loop is not loop:  # a server started anew has a new loop
-            waker = self._waker = _Waker(loop)
-        timeout = max(0.0, begun.deadline - time.monotonic())
-        try:
-            await asyncio.wait_for(waker.wait(begun.waits), timeout)
-        except TimeoutError:
-            return self._answer(begun, sum(not f.done() for f in begun.waits))
-        return self._answer(begun, 0)
+        batcher = self._batcher
+        if batcher is None or batcher.loop is not loop:  # a server started anew has a new loop
+            batcher = self._batcher = _Batcher(self, server, loop)
+        return await batcher.add(entry)
 
-    def _begin(self, body: bytes) -> Answer | _Pending:
-        """Parse and hand the new readings to the sink: an answer already (400, 503), or what
-        to wait for before answering."""
+    def parse(self, body: bytes) -> Entry | Answer:
+        """The body's readings, or the 400 that refuses them all."""
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -119,110 +140,193 @@ class HttpIngest:
             for error in errors:
                 self._rejected(error["reason"])
             return 400, {"error": "invalid readings; none were stored", "invalid": errors}
-        records, earlier = self._new(items, readings)
+        receipts = [_receipt(item, r) for item, r in zip(items, readings, strict=True)]
+        return Entry(readings, receipts)
+
+    def hand(self, entries: Sequence[Entry]) -> Future[None] | Answer:
+        """Hand the new readings of ``entries`` to the sink in one call (blocks while it is
+        full): a future done once they are committed, or the 503 that answers every entry.
+        Each entry's ``earlier`` lists the retries it must also wait for."""
+        # One at a time from recall to submit: two calls that both recall a seq before either
+        # submits it would both find it new and store it twice.
         timeout = self.config.commit_timeout_s
-        pending = _Pending(list(earlier), time.monotonic() + timeout, len(readings), len(earlier))
-        if records:
+        if not self._handing.acquire(timeout=timeout):
+            return _unavailable(TimeoutError("the buffer takes readings too slowly"))
+        try:
+            records: list[Record] = []
+            taken: dict[str, bytes] = {}  # receipts in this call: the same reading twice in it
+            for entry in entries:
+                self._new(entry, records, taken)
             done: Future[None] = Future()
             try:
                 self._sink(records, partial(_resolve, done), timeout=timeout)
             except (TimeoutError, SinkClosed) as e:
-                for f in pending.waits:
-                    f.cancel()
+                for entry in entries:
+                    for f in entry.earlier:
+                        f.cancel()
                 return _unavailable(e)
-            pending.waits.append(done)
-        return pending
+            return done
+        finally:
+            self._handing.release()
 
-    def _answer(self, begun: _Pending, waiting: int) -> Answer:
-        if waiting:
-            return _unavailable(TimeoutError("readings not committed in time"))
-        answer: dict[str, Any] = {"accepted": begun.accepted}
-        if begun.duplicates:
-            answer["duplicates"] = begun.duplicates
-            self._metrics.redeliveries.labels(SOURCE).inc(begun.duplicates)
+    def answer(self, entry: Entry) -> Answer:
+        """The 202 of an entry whose readings are all durable."""
+        answer: dict[str, Any] = {"accepted": entry.accepted}
+        if entry.duplicates:
+            answer["duplicates"] = entry.duplicates
+            self._metrics.redeliveries.labels(SOURCE).inc(entry.duplicates)
         return 202, answer
 
-    def _new(
-        self, items: Sequence[Any], readings: list[Reading]
-    ) -> tuple[list[Record], list[Future[None]]]:
-        """The records to submit (new readings, with their receipts), and for each reading that
-        is a retry of one committed or queued already, an event set once that one is durable."""
+    def _new(self, entry: Entry, records: list[Record], taken: dict[str, bytes]) -> None:
+        """Add the entry's new readings (with their receipts) to ``records``; for each reading
+        that is a retry of one committed or queued already, a future in ``entry.earlier`` done
+        once that one is durable."""
+        entry.accepted = len(entry.readings)
         if self._receipts is None:
-            return [*readings], []
-        records: list[Record] = []
-        earlier: list[Future[None]] = []
-        taken: dict[str, bytes] = {}  # receipts of this request: the same reading twice in it
-        for item, r in zip(items, readings, strict=True):
-            receipt = _receipt(item, r)
+            records += entry.readings
+            return
+        for r, receipt in zip(entry.readings, entry.receipts, strict=True):
             if receipt is None:
                 records.append(r)
                 continue
-            done: Future[None] = Future()
             if taken.get(receipt.key) == receipt.fingerprint:
-                done.set_result(None)
-                earlier.append(done)
+                entry.duplicates += 1  # committed with this call's one
                 continue
+            done: Future[None] = Future()
             if self._receipts.recall(receipt, partial(_resolve, done)) is Recall.SAME:
-                earlier.append(done)
+                entry.duplicates += 1
+                entry.earlier.append(done)
                 continue
             taken[receipt.key] = receipt.fingerprint
             records += [r, receipt]
-        return records, earlier
+        entry.readings, entry.receipts = [], []  # handed over: the buffer owns them now
 
     def _rejected(self, reason: str) -> None:
         self._metrics.rejected_payloads.labels(SOURCE, reason).inc()
         self._reject_log.warning(reason, "HTTP ingest rejected a reading: %s", reason)
 
 
-@dataclass
-class _Pending:
-    """Readings handed to the sink (or recognised as retries): answered 202 once every one of
-    ``waits`` is done, 503 if one is not by ``deadline`` (monotonic)."""
-
-    waits: list[Future[None]]
-    deadline: float
-    accepted: int
-    duplicates: int
+_LATE = TimeoutError("readings not committed in time")
 
 
-class _Waker:
-    """Wakes the coroutines waiting for commits with one loop wake-up per burst of them: the
-    buffer thread settles a whole group commit at once, and a ``call_soon_threadsafe`` (a write
-    to the loop's self-pipe) per request cost more than the rest of the wait."""
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    """An entry of a group on the loop: answered once it and its earlier deliveries are durable."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    entry: Entry
+    answer: asyncio.Future[Answer]
+    group: _Group | None = None  # set when the group is handed to the sink
+
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """The requests of one loop pass: handed to the sink together, answered 503 at ``timer``."""
+
+    waiting: list[_Waiting]
+    left: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class _Batcher:
+    """Gathers the requests of a loop pass into one sink call made in the server's pool. The
+    buffer's writer settles the group with one ``call_soon_threadsafe`` (a write to the loop's
+    self-pipe): one per group, not one per request."""
+
+    def __init__(self, ingest: HttpIngest, server: HttpServer, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self._ingest = ingest
+        self._server = server
+        self._group: list[_Waiting] = []
         self._lock = threading.Lock()
-        self._due: list[asyncio.Future[None]] = []
+        self._due: list[_Waiting] = []
 
-    def wait(self, waits: list[Future[None]]) -> asyncio.Future[None]:
-        """On the loop: a future done once every one of ``waits`` is."""
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        left = [len(waits)]
+    def add(self, entry: Entry) -> asyncio.Future[Answer]:
+        answer: asyncio.Future[Answer] = self.loop.create_future()
+        if not self._group:
+            self.loop.call_soon(self._flush)
+        self._group.append(_Waiting(entry, answer))
+        return answer
 
-        def one_done(_: Future[None]) -> None:  # any thread
-            with self._lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-                self._due.append(waiter)
-                if len(self._due) > 1:
-                    return  # a wake-up is on its way already
-            with contextlib.suppress(RuntimeError):  # the server stopped: nobody waits now
-                self.loop.call_soon_threadsafe(self._wake)
+    def _flush(self) -> None:
+        waiting, self._group = self._group, []
+        group = _Group(waiting, len(waiting))
+        for w in waiting:
+            w.group = group
+        group.timer = self.loop.call_later(
+            self._ingest.config.commit_timeout_s, self._expire, group
+        )
+        self._server.run_blocking(self._hand, group)
 
-        if not waits:
-            waiter.set_result(None)
-        for f in waits:
-            f.add_done_callback(one_done)
-        return waiter
+    def _hand(self, group: _Group) -> None:
+        """In the pool: one sink call for the group; each entry is due once its readings and
+        the earlier deliveries it repeats are durable."""
+        waiting = group.waiting
+        try:
+            done = self._ingest.hand([w.entry for w in waiting])
+        except Exception:
+            log.exception("POST %s failed", PATH)
+            self._settle(waiting, (500, {"error": "internal error; see the gateway log"}))
+            return
+        if not isinstance(done, Future):
+            self._settle(waiting, done)
+            return
+        plain = [w for w in waiting if not w.entry.earlier]
+        if plain:
+            done.add_done_callback(lambda _: self._ready(plain))
+        for w in waiting:
+            if w.entry.earlier:
+                waits = [*w.entry.earlier, done]
+                left = [len(waits)]
+
+                def one_done(_: Future[None], w: _Waiting = w, left: list[int] = left) -> None:
+                    with self._lock:
+                        left[0] -= 1
+                        if left[0]:
+                            return
+                    self._ready([w])
+
+                for f in waits:
+                    f.add_done_callback(one_done)
+
+    def _settle(self, waiting: list[_Waiting], answer: Answer) -> None:
+        """From any thread: answer ``waiting`` now."""
+        with contextlib.suppress(RuntimeError):  # the server stopped: nobody waits now
+            self.loop.call_soon_threadsafe(self._answer_all, waiting, answer)
+
+    def _ready(self, waiting: list[_Waiting]) -> None:
+        """From any thread: these are durable; one wake-up of the loop per burst of them."""
+        with self._lock:
+            self._due += waiting
+            if len(self._due) > len(waiting):
+                return  # a wake-up is on its way already
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         with self._lock:
             due, self._due = self._due, []
-        for waiter in due:
-            if not waiter.done():  # not given up on (timed out)
-                waiter.set_result(None)
+        for w in due:
+            self._finish(w, self._ingest.answer(w.entry))
+
+    def _answer_all(self, waiting: list[_Waiting], answer: Answer) -> None:
+        for w in waiting:
+            self._finish(w, answer)
+
+    def _expire(self, group: _Group) -> None:
+        group.timer = None
+        self._answer_all(group.waiting, _unavailable(_LATE))
+
+    def _finish(self, w: _Waiting, answer: Answer) -> None:
+        if w.answer.done():  # answered 503 already (late)
+            return
+        w.answer.set_result(answer)
+        group = w.group
+        if group is None:
+            return
+        group.left -= 1
+        if not group.left and group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
 
 
 def _resolve(done: Future[None]) -> None:
