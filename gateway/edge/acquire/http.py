@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -70,9 +70,13 @@ class HttpIngest:
         token: str | None = None,
         *,
         receipts: Receipts | None = None,
+        on_rejected: Callable[[str], None] | None = None,
     ) -> None:
-        """``token``: the bearer token already resolved; by default from ``config.token``."""
+        """``token``: the bearer token already resolved; by default from ``config.token``.
+        ``on_rejected(reason)`` counts a refused reading instead of ``metrics`` (in a worker
+        process, whose metrics nobody scrapes)."""
         self.config = config
+        self._on_rejected = on_rejected
         self._receipts = receipts  # None: every reading is stored each time it comes
         self._sink = sink
         self._metrics = metrics
@@ -84,14 +88,21 @@ class HttpIngest:
         self._batcher: _Batcher | None = None
         self._handing = threading.Lock()
 
-    def attach(self, server: HttpServer) -> None:
+    def attach(self, server: HttpServer, submit: Submit | None = None) -> None:
+        """Serve ingest on ``server``; ``submit`` hands a loop pass's requests on (by default
+        ``commit`` in the server's pool; an ingest worker sends them to the gateway)."""
         disabled = "" if self._token else "HTTP ingest is disabled: set [http] token to enable it"
+        if submit is None:
+
+            def submit(entries: list[Entry], answered: Answered) -> None:
+                server.run_blocking(self.commit, entries, answered)
+
         route = Route(
             self.ingest,
             self.config.max_body_bytes,
             self._token,
             disabled,
-            handle_async=partial(self.ingest_async, server),
+            handle_async=partial(self.ingest_async, server, submit),
         )
         server.add_route(PATH, route)
 
@@ -108,7 +119,7 @@ class HttpIngest:
         _, waiting = futures.wait([*entry.earlier, done], max(0.0, deadline - time.monotonic()))
         return self.answer(entry) if not waiting else _unavailable(_LATE)
 
-    async def ingest_async(self, server: HttpServer, body: bytes) -> Answer:
+    async def ingest_async(self, server: HttpServer, submit: Submit, body: bytes) -> Answer:
         """``ingest`` for the server's loop: a small body is parsed on the loop, and the
         requests of one loop pass go to the sink together (one call in the server's pool, one
         commit, one wake-up of the loop for all of them), so a request waiting for its commit
@@ -122,7 +133,7 @@ class HttpIngest:
         loop = asyncio.get_running_loop()
         batcher = self._batcher
         if batcher is None or batcher.loop is not loop:  # a server started anew has a new loop
-            batcher = self._batcher = _Batcher(self, server, loop)
+            batcher = self._batcher = _Batcher(loop, self.config.commit_timeout_s, submit)
         return await batcher.add(entry)
 
     def parse(self, body: bytes) -> Entry | Answer:
@@ -169,6 +180,33 @@ class HttpIngest:
         finally:
             self._handing.release()
 
+    def commit(self, entries: list[Entry], answered: Answered) -> None:
+        """Hand ``entries`` to the sink (blocks while it is full) and call ``answered`` (from
+        any thread) with one answer per entry: once all are durable, or at once with the 503
+        or 500 that answers them all."""
+        try:
+            done = self.hand(entries)
+        except Exception:
+            log.exception("POST %s failed", PATH)
+            answered([(500, {"error": "internal error; see the gateway log"})] * len(entries))
+            return
+        if not isinstance(done, Future):
+            answered([done] * len(entries))
+            return
+        waits = [done, *(f for entry in entries for f in entry.earlier)]
+        left = [len(waits)]
+        lock = threading.Lock()
+
+        def one_done(_: Future[None]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            answered([self.answer(entry) for entry in entries])
+
+        for f in waits:
+            f.add_done_callback(one_done)
+
     def answer(self, entry: Entry) -> Answer:
         """The 202 of an entry whose readings are all durable."""
         answer: dict[str, Any] = {"accepted": entry.accepted}
@@ -202,25 +240,32 @@ class HttpIngest:
         entry.readings, entry.receipts = [], []  # handed over: the buffer owns them now
 
     def _rejected(self, reason: str) -> None:
-        self._metrics.rejected_payloads.labels(SOURCE, reason).inc()
+        if self._on_rejected is not None:
+            self._on_rejected(reason)
+        else:
+            self._metrics.rejected_payloads.labels(SOURCE, reason).inc()
         self._reject_log.warning(reason, "HTTP ingest rejected a reading: %s", reason)
 
 
 _LATE = TimeoutError("readings not committed in time")
 
 
+Answered = Callable[[list[Answer]], object]  # one answer per entry, in order
+Submit = Callable[[list[Entry], Answered], None]
+
+
 @dataclass(eq=False, slots=True)
 class _Waiting:
-    """An entry of a group on the loop: answered once it and its earlier deliveries are durable."""
+    """A request on the loop, answered once its entry is (or 503 at its group's deadline)."""
 
     entry: Entry
     answer: asyncio.Future[Answer]
-    group: _Group | None = None  # set when the group is handed to the sink
+    group: _Group | None = None  # set when the group is handed on
 
 
 @dataclass(eq=False, slots=True)
 class _Group:
-    """The requests of one loop pass: handed to the sink together, answered 503 at ``timer``."""
+    """The requests of one loop pass: handed on together, answered 503 at ``timer``."""
 
     waiting: list[_Waiting]
     left: int = 0
@@ -228,17 +273,17 @@ class _Group:
 
 
 class _Batcher:
-    """Gathers the requests of a loop pass into one sink call made in the server's pool. The
-    buffer's writer settles the group with one ``call_soon_threadsafe`` (a write to the loop's
-    self-pipe): one per group, not one per request."""
+    """Gathers the requests of a loop pass and hands them on with one ``submit``; the answers
+    come back with one ``call_soon_threadsafe`` (a write to the loop's self-pipe) per burst of
+    groups, not one per request."""
 
-    def __init__(self, ingest: HttpIngest, server: HttpServer, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, submit: Submit) -> None:
         self.loop = loop
-        self._ingest = ingest
-        self._server = server
+        self._timeout = timeout
+        self._submit = submit
         self._group: list[_Waiting] = []
         self._lock = threading.Lock()
-        self._due: list[_Waiting] = []
+        self._due: list[tuple[_Group, list[Answer]]] = []
 
     def add(self, entry: Entry) -> asyncio.Future[Answer]:
         answer: asyncio.Future[Answer] = self.loop.create_future()
@@ -252,78 +297,37 @@ class _Batcher:
         group = _Group(waiting, len(waiting))
         for w in waiting:
             w.group = group
-        group.timer = self.loop.call_later(
-            self._ingest.config.commit_timeout_s, self._expire, group
-        )
-        self._server.run_blocking(self._hand, group)
-
-    def _hand(self, group: _Group) -> None:
-        """In the pool: one sink call for the group; each entry is due once its readings and
-        the earlier deliveries it repeats are durable."""
-        waiting = group.waiting
+        group.timer = self.loop.call_later(self._timeout, self._expire, group)
         try:
-            done = self._ingest.hand([w.entry for w in waiting])
-        except Exception:
-            log.exception("POST %s failed", PATH)
-            self._settle(waiting, (500, {"error": "internal error; see the gateway log"}))
-            return
-        if not isinstance(done, Future):
-            self._settle(waiting, done)
-            return
-        plain = [w for w in waiting if not w.entry.earlier]
-        if plain:
-            done.add_done_callback(lambda _: self._ready(plain))
-        for w in waiting:
-            if w.entry.earlier:
-                waits = [*w.entry.earlier, done]
-                left = [len(waits)]
+            self._submit([w.entry for w in waiting], partial(self._answered, group))
+        except Exception as e:  # the pool or the pipe is gone: the server is stopping
+            self._answer_all(group, [_unavailable(e)] * len(waiting))
 
-                def one_done(_: Future[None], w: _Waiting = w, left: list[int] = left) -> None:
-                    with self._lock:
-                        left[0] -= 1
-                        if left[0]:
-                            return
-                    self._ready([w])
-
-                for f in waits:
-                    f.add_done_callback(one_done)
-
-    def _settle(self, waiting: list[_Waiting], answer: Answer) -> None:
-        """From any thread: answer ``waiting`` now."""
-        with contextlib.suppress(RuntimeError):  # the server stopped: nobody waits now
-            self.loop.call_soon_threadsafe(self._answer_all, waiting, answer)
-
-    def _ready(self, waiting: list[_Waiting]) -> None:
-        """From any thread: these are durable; one wake-up of the loop per burst of them."""
+    def _answered(self, group: _Group, answers: list[Answer]) -> None:
+        """From any thread: one wake-up of the loop per burst."""
         with self._lock:
-            self._due += waiting
-            if len(self._due) > len(waiting):
+            self._due.append((group, answers))
+            if len(self._due) > 1:
                 return  # a wake-up is on its way already
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError):  # the server stopped: nobody waits now
             self.loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         with self._lock:
             due, self._due = self._due, []
-        for w in due:
-            self._finish(w, self._ingest.answer(w.entry))
-
-    def _answer_all(self, waiting: list[_Waiting], answer: Answer) -> None:
-        for w in waiting:
-            self._finish(w, answer)
+        for group, answers in due:
+            self._answer_all(group, answers)
 
     def _expire(self, group: _Group) -> None:
         group.timer = None
-        self._answer_all(group.waiting, _unavailable(_LATE))
+        self._answer_all(group, [_unavailable(_LATE)] * len(group.waiting))
 
-    def _finish(self, w: _Waiting, answer: Answer) -> None:
-        if w.answer.done():  # answered 503 already (late)
-            return
-        w.answer.set_result(answer)
-        group = w.group
-        if group is None:
-            return
-        group.left -= 1
+    def _answer_all(self, group: _Group, answers: list[Answer]) -> None:
+        for w, answer in zip(group.waiting, answers, strict=True):
+            if w.answer.done():  # answered 503 already (late)
+                continue
+            w.answer.set_result(answer)
+            group.left -= 1
         if not group.left and group.timer is not None:
             group.timer.cancel()
             group.timer = None

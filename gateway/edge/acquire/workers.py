@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from gateway.common.logs import RateLimitedLog
-from gateway.common.stage import Health, OnDurable, SinkClosed
+from gateway.common.stage import Health, SinkClosed
 from gateway.common.supervise import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Uplink:
         self._cond = threading.Condition()
         self._items: list[Item] = []
         self._token = 0
-        self._callbacks: dict[int, OnDurable] = {}  # token -> what runs once it is settled
+        self._callbacks: dict[int, Callable[..., object]] = {}  # token -> what runs when settled
         self._closed = False
         self.health: Callable[[], tuple[bool, str]] = lambda: (False, "")
 
@@ -66,7 +66,7 @@ class Uplink:
             if len(self._items) == 1:
                 self._cond.notify()
 
-    def register(self, on_settled: OnDurable | None) -> int:
+    def register(self, on_settled: Callable[..., object] | None) -> int:
         with self._cond:
             self._token += 1
             token = self._token
@@ -74,7 +74,7 @@ class Uplink:
                 self._callbacks[token] = on_settled
         return token
 
-    def take(self, tokens: list[int]) -> list[OnDurable | None]:
+    def take(self, tokens: list[int]) -> list[Callable[..., object] | None]:
         """The callbacks of ``tokens``, forgotten here."""
         with self._cond:
             return [self._callbacks.pop(t, None) for t in tokens]
