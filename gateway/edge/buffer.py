@@ -81,7 +81,7 @@ class BufferConfig:
     max_bytes: int = 2_000_000_000  # on disk: database pages in use + WAL; may overshoot by a batch
     min_free_bytes: int = 64 * 1024 * 1024  # disk the buffer leaves free: the bound shrinks to it
     overflow: Literal["block", "drop_oldest"] = "block"
-    commit_interval_ms: float = 5.0
+    commit_interval_ms: float = 2.0  # the fsync rate bound (500/s) against the wait to a 202/ack
     max_batch: int = 5000  # records per transaction
     queue_max: int = 20000  # records waiting in memory before submit() blocks
 
