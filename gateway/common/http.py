@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -62,6 +63,7 @@ class HttpConfig:
     commit_timeout_s: float = 10.0  # longer than this without a commit answers 503
     workers: int = 16  # threads for handlers that block (each ingest request waits for a commit)
     max_requests: int = 256  # requests in progress at once; more are answered 503
+    ingest_workers: int = 0  # processes that also serve the port and take POST /api/readings
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -70,6 +72,8 @@ class HttpConfig:
             raise ValueError("max_body_bytes must be at least 1")
         if self.workers < 1 or self.max_requests < 1:
             raise ValueError("workers and max_requests must be at least 1")
+        if not 0 <= self.ingest_workers <= 64:
+            raise ValueError("ingest_workers must be between 0 and 64")
 
 
 def bearer_ok(given: str, token: bytes) -> bool:
@@ -148,6 +152,13 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
+        # Set before start(): share the port with other processes (SO_REUSEPORT), also serve on
+        # a unix socket (the gateway, for its ingest workers), and pass every request but a POST
+        # to a route of this server on to such a socket (an ingest worker).
+        self.reuse_port = False
+        self.unix_path = ""
+        self.relay_to = ""
+        self._relay_session: aiohttp.ClientSession | None = None
 
     # -- what stages add -----------------------------------------------------------------------
 
@@ -199,10 +210,10 @@ class HttpServer:
         """The server's loop while it runs, for ``call_soon_threadsafe`` from other threads."""
         return self._loop
 
-    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the server's thread pool and await its result."""
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` in the server's thread pool: a future of its result, to await."""
         assert self._loop is not None
-        return await self._loop.run_in_executor(self._pool, fn, *args)
+        return self._loop.run_in_executor(self._pool, fn, *args)
 
     async def _monitor(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None
@@ -240,16 +251,30 @@ class HttpServer:
         app.on_response_prepare.append(_server_header)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_STOP_SECONDS)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+        )
         try:
             await site.start()
+            if self.unix_path:
+                await web.UnixSite(runner, self.unix_path).start()
         except BaseException:
             await runner.cleanup()
             raise
+        if self.relay_to:
+            self._relay_session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self.relay_to), auto_decompress=False
+            )
         self._runner = runner
         self._port = int(runner.addresses[0][1])
 
     async def _shutting_down(self, _app: web.Application) -> None:
+        if self._relay_session is not None:
+            await self._relay_session.close()
         for callback in self._on_stop:
             try:
                 await callback()
@@ -276,6 +301,10 @@ class HttpServer:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        if self._relay_session is not None and not (
+            request.method == "POST" and path in self.routes
+        ):
+            return await self._relay(request, self._relay_session)
         ws = self.websockets.get(path)
         if ws is not None and request.method == "GET":
             if not ws.allows(request):
@@ -338,6 +367,28 @@ class HttpServer:
             status, doc = 500, {"error": "internal error; see the gateway log"}
         return _json(status, doc)
 
+    async def _relay(
+        self, request: web.Request, session: aiohttp.ClientSession
+    ) -> web.StreamResponse:
+        """Pass a request on to the server behind ``relay_to`` and its answer back."""
+        if request.headers.get("Upgrade"):
+            return _json(501, {"error": "WebSocket connections are not served here"}, close=True)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        body = await request.read()
+        try:
+            async with session.request(
+                request.method,
+                f"http://gateway{request.rel_url}",
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+            ) as answer:
+                payload = await answer.read()
+                back = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP}
+                return web.Response(status=answer.status, body=payload, headers=back)
+        except aiohttp.ClientError as e:
+            return _json(502, {"error": f"the gateway did not answer ({e}); retry later"})
+
     def health(self) -> Answer:
         """200 only when every check is healthy. A check that is not ok but says ``degraded``
         (working, with something an operator must look at) shows as "degraded", and so does the
@@ -367,6 +418,24 @@ async def _close(runner: web.AppRunner) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# Headers of one hop, not passed on by a relay (aiohttp sets its own).
+_HOP_BY_HOP = frozenset(
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "server",
+        "date",
+    ]
+)
 
 
 def _json(status: int, doc: dict[str, Any], close: bool = False) -> web.Response:

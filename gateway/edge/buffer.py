@@ -81,7 +81,7 @@ class BufferConfig:
     max_bytes: int = 2_000_000_000  # on disk: database pages in use + WAL; may overshoot by a batch
     min_free_bytes: int = 64 * 1024 * 1024  # disk the buffer leaves free: the bound shrinks to it
     overflow: Literal["block", "drop_oldest"] = "block"
-    commit_interval_ms: float = 5.0
+    commit_interval_ms: float = 2.0  # the fsync rate bound (500/s) against the wait to a 202/ack
     max_batch: int = 5000  # records per transaction
     queue_max: int = 20000  # records waiting in memory before submit() blocks
 
@@ -515,15 +515,15 @@ class Buffer:
     # -- writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        last_commit = 0.0
+        last_commit = 0.0  # when the last commit began: commits begin at most every interval
         try:
             while (work := self._take(last_commit)) is not None:
                 self._writer_beat.beat()
                 if self._corrupt is not None:
                     self._recover(self._corrupt)
                 if any(work):
-                    self._write(*work)
                     last_commit = time.monotonic()
+                    self._write(*work)
                 self._vacuum()
         except Exception:
             log.exception("buffer writer stopped by an unexpected error")
@@ -599,7 +599,8 @@ class Buffer:
             if not self._has_work.wait_for(ready, timeout=wait):
                 self._set_blocked(bool(self._inserts) and time.monotonic() >= self._retry_at)
                 return [], [], []
-        # Group commit: let records gather until commit_interval has passed since the last one;
+        # Group commit: let records gather until commit_interval has passed since the last one
+        # began (not ended: a commit's own time would add to every reading's wait);
         # after a failure, until its back-off is over (bounded by the deadline when stopping).
         until = max(last_commit + cfg.commit_interval_ms / 1000, self._retry_at)
         pause = min(until, self._deadline) - time.monotonic()

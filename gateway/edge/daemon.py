@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from gateway.common.notify import Notifier
 from gateway.common.supervise import Heartbeat, Signals, Supervisor, reloading_fields
 from gateway.common.validate import Validator
 from gateway.edge.acquire.http import HttpIngest
+from gateway.edge.acquire.http_workers import HttpWorkers
 from gateway.edge.acquire.modbus.engine import ModbusEngine
 from gateway.edge.acquire.mqtt.source import MqttSource
 from gateway.edge.acquire.mqtt.workers import MqttWorkers
@@ -103,14 +106,21 @@ class GatewayDaemon:
         )
         self.http = HttpServer(config.http, self.metrics)
         self._last_count = (time.monotonic(), 0)
-        HttpIngest(
+        ingest = HttpIngest(
             config.http,
             self.intake.sink_for("http"),
             self.metrics,
             gw.plant_id,
             self.secrets.http_token,
             receipts=self.buffer,
-        ).attach(self.http)
+        )
+        ingest.attach(self.http)
+        self.http_workers: HttpWorkers | None = None
+        self._relay_dir = ""
+        if config.http.ingest_workers and self.secrets.http_token:
+            self.http_workers = HttpWorkers(
+                config.http, ingest, self.metrics, self.secrets.http_token
+            )
         self.calibration_api = CalibrationApi(
             self.pipeline, self.calibrations, self.modbus, config.calibration.session_timeout
         )
@@ -133,7 +143,20 @@ class GatewayDaemon:
         if self.mqtt is not None:
             self.http.add_check("mqtt", self.mqtt.health)
         self.http.add_check("calibration", self.calibration_health)
-        self.http.start()
+        if self.http_workers is not None:
+            # The workers share the port and pass every request but ingest on to this server,
+            # over a unix socket in a directory only this user may enter.
+            self._relay_dir = tempfile.mkdtemp(prefix="edge-gateway-http-")
+            self.http.reuse_port = True
+            self.http.unix_path = os.path.join(self._relay_dir, "http.sock")
+        try:
+            self.http.start()
+        except BaseException:
+            self._remove_relay()
+            raise
+        if self.http_workers is not None:
+            self.http_workers.start(self.http.port, self.http.unix_path)
+            self.http.add_check("http_workers", self.http_workers.health)
         self.calibration_api.publish(
             self.config.calibration.store, self.config.http.host, self.http.port
         )
@@ -184,7 +207,10 @@ class GatewayDaemon:
             self.modbus.stop()
             stage[0] = "http"
             api_file(self.config.calibration.store).unlink(missing_ok=True)
+            if self.http_workers is not None:
+                self.http_workers.stop(timeout=left(8.0))
             self.http.stop()
+            self._remove_relay()
             stage[0] = "the forwarder"
             self.forwarder.stop(timeout=left(5.0))
             stage[0] = "the buffer"
@@ -194,6 +220,11 @@ class GatewayDaemon:
         finally:
             guard.cancel()
         log.info("stopped in %.1f s", time.monotonic() - started)
+
+    def _remove_relay(self) -> None:
+        if self._relay_dir:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
+            self._relay_dir = ""
 
     def calibration_health(self) -> tuple[bool, dict[str, Any]]:
         """Always healthy (an overdue calibration is news, not an outage); names the overdue ones
@@ -212,6 +243,8 @@ class GatewayDaemon:
         stages: list[Any] = [self.buffer, self.forwarder, self.modbus]
         if self.mqtt is not None:
             stages.append(self.mqtt)
+        if self.http_workers is not None:
+            stages.append(self.http_workers)
         return [hb for stage in stages for hb in stage.heartbeats()]
 
     def status(self) -> str:

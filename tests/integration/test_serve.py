@@ -215,6 +215,21 @@ def test_a_retry_after_a_503_is_stored_once_when_the_reading_carries_the_devices
     assert sorted(r["value"] for r in rows) == [6.5, 6.5, 7.2, 7.3]
 
 
+def test_requests_answered_together_store_a_repeated_seq_once_and_each_other_reading(
+    server, buffer
+):
+    """Requests that arrive together go to the buffer in one call: a device's retry among them
+    is still recognised by its seq, and every other reading is stored."""
+    item = {**GOOD, "gatewayId": "dev-9", "seq": 7}
+    bodies = [item] * 8 + [{**GOOD, "value": 6.0 + i / 10} for i in range(8)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda b: request(server, "POST", "/api/readings", b), bodies))
+    assert [a[0] for a in answers] == [202] * 16
+    assert sum(a[1].get("duplicates", 0) for a in answers[:8]) == 7
+    values = sorted(json.loads(r.payload)["value"] for r in all_rows(buffer))
+    assert values == sorted([7.2] + [6.0 + i / 10 for i in range(8)])
+
+
 def all_rows(buffer: Buffer) -> list[Any]:
     return buffer.fetch(1000)
 

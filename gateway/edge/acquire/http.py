@@ -9,6 +9,10 @@ A reading that carries the device's own ``seq`` is committed with a receipt keye
 ``gatewayId`` (the device's id, if it sends one), sensor, parameter and seq, so a retry within
 ``RETRY_WINDOW_S`` is recognised and not stored again (also while the first copy still waits in
 the queue: the answer then waits for it). A reading without ``seq`` is stored each time it comes.
+
+On the server's loop, the requests that arrive in one pass of it go to the sink in one call (one
+pipeline pass, one buffer submission) and are answered together once that commit is durable:
+per-request costs (a thread hop, a future, a wake-up of the loop) would otherwise dominate.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -41,6 +45,21 @@ PATH = "/api/readings"
 RETRY_WINDOW_S = 3600.0  # how long a device's (id, seq) is remembered to recognise its retries
 
 
+INLINE_BODY_BYTES = 65_536  # bodies up to this are parsed on the loop: the hop costs more
+
+
+@dataclass(slots=True)
+class Entry:
+    """One request's valid readings (with the receipt of each that carries its device's seq),
+    and once handed to the sink: the earlier deliveries it waits for and how many it repeats."""
+
+    readings: list[Reading]
+    receipts: list[Receipt | None]
+    earlier: list[Future[None]] = field(default_factory=list)
+    duplicates: int = 0
+    accepted: int = 0
+
+
 class HttpIngest:
     def __init__(
         self,
@@ -51,9 +70,13 @@ class HttpIngest:
         token: str | None = None,
         *,
         receipts: Receipts | None = None,
+        on_rejected: Callable[[str], None] | None = None,
     ) -> None:
-        """``token``: the bearer token already resolved; by default from ``config.token``."""
+        """``token``: the bearer token already resolved; by default from ``config.token``.
+        ``on_rejected(reason)`` counts a refused reading instead of ``metrics`` (in a worker
+        process, whose metrics nobody scrapes)."""
         self.config = config
+        self._on_rejected = on_rejected
         self._receipts = receipts  # None: every reading is stored each time it comes
         self._sink = sink
         self._metrics = metrics
@@ -62,50 +85,59 @@ class HttpIngest:
             token = secret(config.token, source="[http]", key="http.token")
         self._token = token.encode()
         self._reject_log = RateLimitedLog(log, 10.0)  # a misbehaving device must not flood it
-        self._waker: _Waker | None = None
+        self._batcher: _Batcher | None = None
+        self._handing = threading.Lock()
 
-    def attach(self, server: HttpServer) -> None:
+    def attach(self, server: HttpServer, submit: Submit | None = None) -> None:
+        """Serve ingest on ``server``; ``submit`` hands a loop pass's requests on (by default
+        ``commit`` in the server's pool; an ingest worker sends them to the gateway)."""
         disabled = "" if self._token else "HTTP ingest is disabled: set [http] token to enable it"
+        if submit is None:
+
+            def submit(entries: list[Entry], answered: Answered) -> None:
+                server.run_blocking(self.commit, entries, answered)
+
         route = Route(
             self.ingest,
             self.config.max_body_bytes,
             self._token,
             disabled,
-            handle_async=partial(self.ingest_async, server),
+            handle_async=partial(self.ingest_async, server, submit),
         )
         server.add_route(PATH, route)
 
     def ingest(self, body: bytes) -> Answer:
         """An authorized, size-checked body: parse, then commit through the sink (blocks until
         the commit or the timeout)."""
-        begun = self._begin(body)
-        if not isinstance(begun, _Pending):
-            return begun
-        timeout = max(0.0, begun.deadline - time.monotonic())
-        _, waiting = futures.wait(begun.waits, timeout)
-        return self._answer(begun, len(waiting))
+        entry = self.parse(body)
+        if not isinstance(entry, Entry):
+            return entry
+        deadline = time.monotonic() + self.config.commit_timeout_s
+        done = self.hand([entry])
+        if not isinstance(done, Future):
+            return done
+        _, waiting = futures.wait([*entry.earlier, done], max(0.0, deadline - time.monotonic()))
+        return self.answer(entry) if not waiting else _unavailable(_LATE)
 
-    async def ingest_async(self, server: HttpServer, body: bytes) -> Answer:
-        """``ingest`` for the server's loop: parsing and handing to the sink run in its pool,
-        the wait for the commit on the loop, so a request waiting for its commit holds no thread
-        (the pool's size no longer bounds the requests in progress)."""
-        begun = await server.run_blocking(self._begin, body)
-        if not isinstance(begun, _Pending):
-            return begun
+    async def ingest_async(self, server: HttpServer, submit: Submit, body: bytes) -> Answer:
+        """``ingest`` for the server's loop: a small body is parsed on the loop, and the
+        requests of one loop pass go to the sink together (one call in the server's pool, one
+        commit, one wake-up of the loop for all of them), so a request waiting for its commit
+        holds no thread and costs no thread hop of its own."""
+        if len(body) > INLINE_BODY_BYTES:
+            entry = await server.run_blocking(self.parse, body)
+        else:
+            entry = self.parse(body)
+        if not isinstance(entry, Entry):
+            return entry
         loop = asyncio.get_running_loop()
-        waker = self._waker
-        if waker is None or waker.loop is not loop:  # a server started anew has a new loop
-            waker = self._waker = _Waker(loop)
-        timeout = max(0.0, begun.deadline - time.monotonic())
-        try:
-            await asyncio.wait_for(waker.wait(begun.waits), timeout)
-        except TimeoutError:
-            return self._answer(begun, sum(not f.done() for f in begun.waits))
-        return self._answer(begun, 0)
+        batcher = self._batcher
+        if batcher is None or batcher.loop is not loop:  # a server started anew has a new loop
+            batcher = self._batcher = _Batcher(loop, self.config.commit_timeout_s, submit)
+        return await batcher.add(entry)
 
-    def _begin(self, body: bytes) -> Answer | _Pending:
-        """Parse and hand the new readings to the sink: an answer already (400, 503), or what
-        to wait for before answering."""
+    def parse(self, body: bytes) -> Entry | Answer:
+        """The body's readings, or the 400 that refuses them all."""
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -119,110 +151,186 @@ class HttpIngest:
             for error in errors:
                 self._rejected(error["reason"])
             return 400, {"error": "invalid readings; none were stored", "invalid": errors}
-        records, earlier = self._new(items, readings)
+        receipts = [_receipt(item, r) for item, r in zip(items, readings, strict=True)]
+        return Entry(readings, receipts)
+
+    def hand(self, entries: Sequence[Entry]) -> Future[None] | Answer:
+        """Hand the new readings of ``entries`` to the sink in one call (blocks while it is
+        full): a future done once they are committed, or the 503 that answers every entry.
+        Each entry's ``earlier`` lists the retries it must also wait for."""
+        # One at a time from recall to submit: two calls that both recall a seq before either
+        # submits it would both find it new and store it twice.
         timeout = self.config.commit_timeout_s
-        pending = _Pending(list(earlier), time.monotonic() + timeout, len(readings), len(earlier))
-        if records:
+        if not self._handing.acquire(timeout=timeout):
+            return _unavailable(TimeoutError("the buffer takes readings too slowly"))
+        try:
+            records: list[Record] = []
+            taken: dict[str, bytes] = {}  # receipts in this call: the same reading twice in it
+            for entry in entries:
+                self._new(entry, records, taken)
             done: Future[None] = Future()
             try:
                 self._sink(records, partial(_resolve, done), timeout=timeout)
             except (TimeoutError, SinkClosed) as e:
-                for f in pending.waits:
-                    f.cancel()
+                for entry in entries:
+                    for f in entry.earlier:
+                        f.cancel()
                 return _unavailable(e)
-            pending.waits.append(done)
-        return pending
+            return done
+        finally:
+            self._handing.release()
 
-    def _answer(self, begun: _Pending, waiting: int) -> Answer:
-        if waiting:
-            return _unavailable(TimeoutError("readings not committed in time"))
-        answer: dict[str, Any] = {"accepted": begun.accepted}
-        if begun.duplicates:
-            answer["duplicates"] = begun.duplicates
-            self._metrics.redeliveries.labels(SOURCE).inc(begun.duplicates)
-        return 202, answer
-
-    def _new(
-        self, items: Sequence[Any], readings: list[Reading]
-    ) -> tuple[list[Record], list[Future[None]]]:
-        """The records to submit (new readings, with their receipts), and for each reading that
-        is a retry of one committed or queued already, an event set once that one is durable."""
-        if self._receipts is None:
-            return [*readings], []
-        records: list[Record] = []
-        earlier: list[Future[None]] = []
-        taken: dict[str, bytes] = {}  # receipts of this request: the same reading twice in it
-        for item, r in zip(items, readings, strict=True):
-            receipt = _receipt(item, r)
-            if receipt is None:
-                records.append(r)
-                continue
-            done: Future[None] = Future()
-            if taken.get(receipt.key) == receipt.fingerprint:
-                done.set_result(None)
-                earlier.append(done)
-                continue
-            if self._receipts.recall(receipt, partial(_resolve, done)) is Recall.SAME:
-                earlier.append(done)
-                continue
-            taken[receipt.key] = receipt.fingerprint
-            records += [r, receipt]
-        return records, earlier
-
-    def _rejected(self, reason: str) -> None:
-        self._metrics.rejected_payloads.labels(SOURCE, reason).inc()
-        self._reject_log.warning(reason, "HTTP ingest rejected a reading: %s", reason)
-
-
-@dataclass
-class _Pending:
-    """Readings handed to the sink (or recognised as retries): answered 202 once every one of
-    ``waits`` is done, 503 if one is not by ``deadline`` (monotonic)."""
-
-    waits: list[Future[None]]
-    deadline: float
-    accepted: int
-    duplicates: int
-
-
-class _Waker:
-    """Wakes the coroutines waiting for commits with one loop wake-up per burst of them: the
-    buffer thread settles a whole group commit at once, and a ``call_soon_threadsafe`` (a write
-    to the loop's self-pipe) per request cost more than the rest of the wait."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._lock = threading.Lock()
-        self._due: list[asyncio.Future[None]] = []
-
-    def wait(self, waits: list[Future[None]]) -> asyncio.Future[None]:
-        """On the loop: a future done once every one of ``waits`` is."""
-        waiter: asyncio.Future[None] = self.loop.create_future()
+    def commit(self, entries: list[Entry], answered: Answered) -> None:
+        """Hand ``entries`` to the sink (blocks while it is full) and call ``answered`` (from
+        any thread) with one answer per entry: once all are durable, or at once with the 503
+        or 500 that answers them all."""
+        try:
+            done = self.hand(entries)
+        except Exception:
+            log.exception("POST %s failed", PATH)
+            answered([(500, {"error": "internal error; see the gateway log"})] * len(entries))
+            return
+        if not isinstance(done, Future):
+            answered([done] * len(entries))
+            return
+        waits = [done, *(f for entry in entries for f in entry.earlier)]
         left = [len(waits)]
+        lock = threading.Lock()
 
-        def one_done(_: Future[None]) -> None:  # any thread
-            with self._lock:
+        def one_done(_: Future[None]) -> None:
+            with lock:
                 left[0] -= 1
                 if left[0]:
                     return
-                self._due.append(waiter)
-                if len(self._due) > 1:
-                    return  # a wake-up is on its way already
-            with contextlib.suppress(RuntimeError):  # the server stopped: nobody waits now
-                self.loop.call_soon_threadsafe(self._wake)
+            answered([self.answer(entry) for entry in entries])
 
-        if not waits:
-            waiter.set_result(None)
         for f in waits:
             f.add_done_callback(one_done)
-        return waiter
+
+    def answer(self, entry: Entry) -> Answer:
+        """The 202 of an entry whose readings are all durable."""
+        answer: dict[str, Any] = {"accepted": entry.accepted}
+        if entry.duplicates:
+            answer["duplicates"] = entry.duplicates
+            self._metrics.redeliveries.labels(SOURCE).inc(entry.duplicates)
+        return 202, answer
+
+    def _new(self, entry: Entry, records: list[Record], taken: dict[str, bytes]) -> None:
+        """Add the entry's new readings (with their receipts) to ``records``; for each reading
+        that is a retry of one committed or queued already, a future in ``entry.earlier`` done
+        once that one is durable."""
+        entry.accepted = len(entry.readings)
+        if self._receipts is None:
+            records += entry.readings
+            return
+        for r, receipt in zip(entry.readings, entry.receipts, strict=True):
+            if receipt is None:
+                records.append(r)
+                continue
+            if taken.get(receipt.key) == receipt.fingerprint:
+                entry.duplicates += 1  # committed with this call's one
+                continue
+            done: Future[None] = Future()
+            if self._receipts.recall(receipt, partial(_resolve, done)) is Recall.SAME:
+                entry.duplicates += 1
+                entry.earlier.append(done)
+                continue
+            taken[receipt.key] = receipt.fingerprint
+            records += [r, receipt]
+        entry.readings, entry.receipts = [], []  # handed over: the buffer owns them now
+
+    def _rejected(self, reason: str) -> None:
+        if self._on_rejected is not None:
+            self._on_rejected(reason)
+        else:
+            self._metrics.rejected_payloads.labels(SOURCE, reason).inc()
+        self._reject_log.warning(reason, "HTTP ingest rejected a reading: %s", reason)
+
+
+_LATE = TimeoutError("readings not committed in time")
+
+
+Answered = Callable[[list[Answer]], object]  # one answer per entry, in order
+Submit = Callable[[list[Entry], Answered], None]
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    """A request on the loop, answered once its entry is (or 503 at its group's deadline)."""
+
+    entry: Entry
+    answer: asyncio.Future[Answer]
+    group: _Group | None = None  # set when the group is handed on
+
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """The requests of one loop pass: handed on together, answered 503 at ``timer``."""
+
+    waiting: list[_Waiting]
+    left: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class _Batcher:
+    """Gathers the requests of a loop pass and hands them on with one ``submit``; the answers
+    come back with one ``call_soon_threadsafe`` (a write to the loop's self-pipe) per burst of
+    groups, not one per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, submit: Submit) -> None:
+        self.loop = loop
+        self._timeout = timeout
+        self._submit = submit
+        self._group: list[_Waiting] = []
+        self._lock = threading.Lock()
+        self._due: list[tuple[_Group, list[Answer]]] = []
+
+    def add(self, entry: Entry) -> asyncio.Future[Answer]:
+        answer: asyncio.Future[Answer] = self.loop.create_future()
+        if not self._group:
+            self.loop.call_soon(self._flush)
+        self._group.append(_Waiting(entry, answer))
+        return answer
+
+    def _flush(self) -> None:
+        waiting, self._group = self._group, []
+        group = _Group(waiting, len(waiting))
+        for w in waiting:
+            w.group = group
+        group.timer = self.loop.call_later(self._timeout, self._expire, group)
+        try:
+            self._submit([w.entry for w in waiting], partial(self._answered, group))
+        except Exception as e:  # the pool or the pipe is gone: the server is stopping
+            self._answer_all(group, [_unavailable(e)] * len(waiting))
+
+    def _answered(self, group: _Group, answers: list[Answer]) -> None:
+        """From any thread: one wake-up of the loop per burst."""
+        with self._lock:
+            self._due.append((group, answers))
+            if len(self._due) > 1:
+                return  # a wake-up is on its way already
+        with contextlib.suppress(RuntimeError):  # the server stopped: nobody waits now
+            self.loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         with self._lock:
             due, self._due = self._due, []
-        for waiter in due:
-            if not waiter.done():  # not given up on (timed out)
-                waiter.set_result(None)
+        for group, answers in due:
+            self._answer_all(group, answers)
+
+    def _expire(self, group: _Group) -> None:
+        group.timer = None
+        self._answer_all(group, [_unavailable(_LATE)] * len(group.waiting))
+
+    def _answer_all(self, group: _Group, answers: list[Answer]) -> None:
+        for w, answer in zip(group.waiting, answers, strict=True):
+            if w.answer.done():  # answered 503 already (late)
+                continue
+            w.answer.set_result(answer)
+            group.left -= 1
+        if not group.left and group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
 
 
 def _resolve(done: Future[None]) -> None:
