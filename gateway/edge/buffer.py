@@ -525,8 +525,10 @@ class Buffer:
                 if self._corrupt is not None:
                     self._recover(self._corrupt)
                 if any(work):
-                    self._write(*work)
+                    # The interval runs from this commit's start: its fsync and callbacks are
+                    # time in which the next batch gathers, not time added to its wait.
                     last_commit = time.monotonic()
+                    self._write(*work)
                 self._vacuum()
         except Exception:
             log.exception("buffer writer stopped by an unexpected error")
