@@ -208,16 +208,22 @@ def _die_with_parent() -> None:
 
 
 def worker_main(
-    config: MqttConfig, gateway_id: str, index: int, down: Connection, up: Connection
+    config: MqttConfig,
+    gateway_id: str,
+    index: int,
+    down: Connection,
+    up: Connection,
+    level: int = logging.INFO,
 ) -> None:
     """A worker process: an MqttSource on shared subscriptions whose sink is the pipe ``up``;
-    ``down`` brings acks and the stop. Exits when the gateway's end of the pipe closes."""
+    ``down`` brings acks and the stop. Exits when the gateway's end of the pipe closes. It logs
+    to the stderr it shares with the gateway, at the gateway's level."""
     _die_with_parent()
     # The gateway stops its workers itself, in order (a stop from systemd reaches the whole
     # control group, a Ctrl-C the whole process group): drained, acks confirmed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=f"mqtt-w{index} %(levelname)s %(message)s")
+    logging.basicConfig(level=level, format=f"mqtt-w{index} %(levelname)s %(message)s")
     uplink = _Uplink(up)
     cfg = dataclasses.replace(config, client_id=client_id_of(config, gateway_id, index))
     source = MqttSource(
@@ -347,7 +353,8 @@ class MqttWorkers:
         down = Connection(down_w, readable=False)
         up = Connection(up_r, writable=False)
         with contextlib.suppress(OSError):
-            down.send(("init", self.config, self._gateway_id, slot.index))
+            level = logging.getLogger().getEffectiveLevel()  # the gateway's --log-level
+            down.send(("init", self.config, self._gateway_id, slot.index, level))
         with slot.lock:
             slot.epoch += 1
             slot.process, slot.down, slot.up = process, down, up
@@ -502,11 +509,11 @@ def _main(argv: list[str]) -> None:
     down = Connection(int(argv[1]), writable=False)
     up = Connection(int(argv[2]), readable=False)
     try:
-        kind, config, gateway_id, index = down.recv()
+        kind, config, gateway_id, index, level = down.recv()
     except (EOFError, OSError):
         os._exit(0)
     assert kind == "init"
-    worker_main(config, gateway_id, index, down, up)
+    worker_main(config, gateway_id, index, down, up, level)
 
 
 if __name__ == "__main__":
