@@ -1,0 +1,64 @@
+"""The paho client the MQTT source runs: packets are read from one recv() per RECV_CHUNK bytes,
+and every packet already taken from the socket is read before the network loop waits again."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from gateway.edge.acquire.mqtt.source import READ_BURST, _Client
+
+
+def publish_packet(mid: int, body: bytes) -> bytes:
+    """An MQTT v5 PUBLISH, QoS 1, no properties."""
+    topic = b"t/json/s1"
+    rest = struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + b"\x00" + body
+    assert len(rest) < 128  # one length byte
+    return b"\x32" + bytes([len(rest)]) + rest
+
+
+@pytest.fixture
+def client() -> Iterator[tuple[_Client, socket.socket, list[bytes]]]:
+    ours, broker = socket.socketpair()
+    ours.setblocking(False)
+    c = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5,
+                manual_ack=True)  # fmt: skip
+    c._sock = ours
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    got: list[bytes] = []
+    c.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    yield c, broker, got
+    ours.close()
+    broker.close()
+
+
+def test_one_wake_up_reads_every_packet_taken_from_the_socket(client):
+    """More than a burst arrives in one recv(): the socket's select() would not say the rest is
+    there, so loop_read reads it all before it returns."""
+    c, broker, got = client
+    n = 3 * READ_BURST + 5
+    broker.sendall(b"".join(publish_packet(i + 1, b"%d" % i) for i in range(n)))
+    assert c.loop_read() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == [b"%d" % i for i in range(n)]
+
+
+def test_a_packet_split_across_reads_is_read_whole(client):
+    c, broker, got = client
+    data = publish_packet(1, b"first") + publish_packet(2, b"second")
+    broker.sendall(data[:30])
+    c.loop_read()
+    broker.sendall(data[30:])
+    c.loop_read()
+    assert got == [b"first", b"second"]
+
+
+def test_a_new_connection_does_not_read_bytes_left_from_the_old_one(client):
+    c, broker, got = client
+    c._rbuf, c._rpos, c._rsock = publish_packet(7, b"stale"), 0, object()
+    broker.sendall(publish_packet(1, b"fresh"))
+    c.loop_read()
+    assert got == [b"fresh"]
