@@ -1,5 +1,6 @@
 """The paho client the MQTT source runs: packets are read from one recv() per RECV_CHUNK bytes,
-and every packet already taken from the socket is read before the network loop waits again."""
+every packet already taken from the socket is read before the network loop waits again, and a
+PUBLISH without properties is the message paho makes, without a Properties built for it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.exception import MalformedPacket
 
-from gateway.edge.acquire.mqtt.source import READ_BURST, _Client
+from gateway.edge.acquire.mqtt.client import READ_BURST, PahoClient
 
 
 def publish_packet(mid: int, body: bytes) -> bytes:
@@ -22,10 +24,10 @@ def publish_packet(mid: int, body: bytes) -> bytes:
 
 
 @pytest.fixture
-def client() -> Iterator[tuple[_Client, socket.socket, list[bytes]]]:
+def client() -> Iterator[tuple[PahoClient, socket.socket, list[bytes]]]:
     ours, broker = socket.socketpair()
     ours.setblocking(False)
-    c = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5,
+    c = PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5,
                 manual_ack=True)  # fmt: skip
     c._sock = ours
     c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
@@ -62,3 +64,44 @@ def test_a_new_connection_does_not_read_bytes_left_from_the_old_one(client):
     broker.sendall(publish_packet(1, b"fresh"))
     c.loop_read()
     assert got == [b"fresh"]
+
+
+def received(c: PahoClient, header: int, packet: bytes) -> mqtt.MQTTMessage:
+    got: list[mqtt.MQTTMessage] = []
+    c.on_message = lambda _c, _u, msg: got.append(msg)
+    c._in_packet["command"], c._in_packet["packet"] = header, bytearray(packet)
+    assert c._handle_publish() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    return got[0]
+
+
+def test_a_publish_without_properties_is_the_message_paho_makes(client):
+    """The fast path (no Properties built per message) gives what paho's own path gives."""
+    c, _, _ = client
+    packet = publish_packet(513, b'{"value": 1}')[2:]  # after the fixed header
+    for header in (0x32, 0x3B):  # QoS 1; QoS 1 with DUP and RETAIN
+        ours = received(c, header, packet)
+        theirs: list[mqtt.MQTTMessage] = []
+        c.on_message = lambda _c, _u, msg, theirs=theirs: theirs.append(msg)
+        c._in_packet["command"], c._in_packet["packet"] = header, bytearray(packet)
+        mqtt.Client._handle_publish(c)  # paho's own
+        paho = theirs[0]
+        same = ("mid", "topic", "payload", "qos", "dup", "retain")
+        assert {k: getattr(ours, k) for k in same} == {k: getattr(paho, k) for k in same}
+        assert type(ours.payload) is bytes
+        assert str(ours.properties) == str(paho.properties)
+
+
+def test_a_publish_with_properties_keeps_them(client):
+    c, _, _ = client
+    topic = b"t/json/s1"
+    packet = struct.pack("!H", len(topic)) + topic + struct.pack("!H", 9) + b"\x02\x01\x01" + b"{}"
+    msg = received(c, 0x32, packet)
+    assert msg.properties.PayloadFormatIndicator == 1
+    assert (msg.mid, msg.payload) == (9, b"{}")
+
+
+def test_a_truncated_publish_is_paho_s_malformed_packet(client):
+    c, _, _ = client
+    c._in_packet["command"], c._in_packet["packet"] = 0x32, bytearray(b"\x00\x64t/")
+    with pytest.raises(MalformedPacket):
+        c._handle_publish()

@@ -44,6 +44,7 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Receipt, Record, Rejection
 from gateway.common.stage import Health, OnDurable, Recall, Receipts, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
+from gateway.edge.acquire.mqtt.client import PahoClient
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
 from gateway.edge.deadletter import DeadLetterStore
 
@@ -51,64 +52,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = "mqtt"
 CONFIRM_INTERVAL_S = 1.0  # how often the broker is asked to confirm the acks sent since
-READ_BURST = 64  # packets read per wake-up of paho's network thread, when that many are waiting
-RECV_CHUNK = 65536  # bytes taken from the socket per recv(); paho's reads are served from them
-
-
-# The burst below calls paho internals (2.1, 2.2); any other layout falls back to paho's loop_read.
-_PAHO_HAS_PACKET_READ = all(
-    hasattr(mqtt.Client, name) for name in ("_packet_read", "_loop_rc_handle", "_sock_recv")
-)
-
-
-class _Client(mqtt.Client):
-    """paho's client, reading up to READ_BURST waiting packets per wake-up of its network loop,
-    from one recv() per RECV_CHUNK bytes.
-
-    paho's ``loop_read`` reads one packet per ``select()`` when nothing of ours is in flight (it
-    overrides its ``max_packets``), so a backlog costs a loop round per message; and it reads a
-    packet in three recv() calls or more (command byte, each length byte, body), each of which
-    lets go of the GIL. This is its body with the burst; it stops, as paho's does, at the first
-    read that would block, but not before the bytes already taken from the socket are read (the
-    socket's select() would not say they are there)."""
-
-    _rbuf = b""  # taken from the socket, not yet read by paho
-    _rpos = 0
-    _rsock: Any = None  # the socket _rbuf came from: a new connection starts afresh
-
-    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        if not _PAHO_HAS_PACKET_READ:  # a paho whose internals differ: its own loop, unchanged
-            return super().loop_read(max_packets)
-        if self._sock is None:
-            return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
-        burst = max(READ_BURST, len(self._out_messages) + len(self._in_messages))
-        n = 0
-        while True:
-            if self._sock is None:
-                return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = self._packet_read()
-            if rc > 0:
-                return self._loop_rc_handle(rc)
-            if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
-                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-            n += 1
-            if n >= burst and self._rpos >= len(self._rbuf):
-                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if not _PAHO_HAS_PACKET_READ:
-            return super()._sock_recv(bufsize)
-        if self._rsock is not self._sock or self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(max(bufsize, RECV_CHUNK))  # BlockingIOError: nothing there
-            self._rsock = self._sock
-            if len(data) <= bufsize:  # all of it asked for (or the end of the connection)
-                self._rbuf, self._rpos = b"", 0
-                return data
-            self._rbuf, self._rpos = data, 0
-        pos = self._rpos
-        chunk = self._rbuf[pos : pos + bufsize]
-        self._rpos = pos + len(chunk)
-        return chunk
 
 
 def fingerprint(topic: str, payload: bytes) -> bytes:
@@ -261,7 +204,7 @@ class MqttSource:
 
     def start(self) -> None:
         cfg = self.config
-        client = _Client(
+        client = PahoClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=mqtt.MQTTv5,
