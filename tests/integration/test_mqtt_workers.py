@@ -6,6 +6,7 @@ committed are recognised); the daemon leaves no worker behind when it stops."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -50,6 +52,19 @@ def forget_session(env: dict[str, str], client_id: str) -> None:
     c.loop_stop()
 
 
+def worker_config(env: dict[str, str], client_id: str, topic: str, **kw: Any) -> MqttConfig:
+    return MqttConfig(
+        enabled=True,
+        host=env["MQTT_HOST"],
+        port=int(env["MQTT_PORT"]),
+        username=env["MQTT_USERNAME"],
+        password=env["MQTT_PASSWORD"],
+        client_id=client_id,
+        subscriptions=[Subscription(topic=topic, plant_id="p1")],
+        **kw,
+    )
+
+
 def test_two_workers_store_each_message_once_also_when_one_is_killed(
     mqtt_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -57,17 +72,8 @@ def test_two_workers_store_each_message_once_also_when_one_is_killed(
     metrics = Metrics()
     buffer = Buffer(BufferConfig(path=str(tmp_path / "buffer.db")), "gw-1", metrics)
     dead = DeadLetterStore(tmp_path / "deadletter.db", max_rows=10_000)
-    config = MqttConfig(
-        enabled=True,
-        host=mqtt_env["MQTT_HOST"],
-        port=int(mqtt_env["MQTT_PORT"]),
-        username=mqtt_env["MQTT_USERNAME"],
-        password=mqtt_env["MQTT_PASSWORD"],
-        client_id=client_id,
-        session_expiry=300,
-        receive_maximum=200,
-        workers=2,
-        subscriptions=[Subscription(topic=f"{prefix}/json/#", plant_id="p1")],
+    config = worker_config(
+        mqtt_env, client_id, f"{prefix}/json/#", session_expiry=300, receive_maximum=200, workers=2
     )
     intake = Intake(buffer.submit, metrics)
     workers = MqttWorkers(config, intake.sink_for("mqtt"), metrics, dead, "gw-1", receipts=buffer)
@@ -104,6 +110,35 @@ def test_two_workers_store_each_message_once_also_when_one_is_killed(
     assert [k for k, n in counts.items() if n != 1] == []
     for pid in first:
         assert not _alive(pid)
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO])
+def test_workers_log_at_the_gateways_level(
+    mqtt_env: dict[str, str], tmp_path: Path, capfd: pytest.CaptureFixture[str], level: int
+) -> None:
+    """A worker shares the gateway's stderr: at --log-level warning its "connected" lines stay
+    out (they leaked into the bench's output at INFO whatever the gateway's level)."""
+    client_id = f"gw-test-{uuid.uuid4().hex[:10]}"
+    config = worker_config(mqtt_env, client_id, f"t/{client_id}/#", session_expiry=60, workers=1)
+    metrics, root = Metrics(), logging.getLogger()
+    buffer = Buffer(BufferConfig(path=str(tmp_path / "buffer.db")), "gw-1", metrics)
+    dead = DeadLetterStore(tmp_path / "deadletter.db", max_rows=100)
+    workers = MqttWorkers(config, Intake(buffer.submit, metrics).sink_for("mqtt"), metrics, dead,
+                          "gw-1", receipts=buffer)  # fmt: skip
+    saved = root.level
+    root.setLevel(level)
+    buffer.start()
+    try:
+        workers.start()
+        wait_until(lambda: workers.health()[0], 30, "the worker connected and subscribed")
+    finally:
+        workers.stop()
+        root.setLevel(saved)
+        buffer.stop()
+        dead.close()
+        forget_session(mqtt_env, f"{client_id}-w0")
+    said = "mqtt-w0 INFO MQTT connected" in capfd.readouterr().err
+    assert said is (level <= logging.INFO)
 
 
 def _children(pid: int) -> list[int]:

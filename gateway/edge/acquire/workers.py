@@ -2,8 +2,9 @@
 the supervision they share.
 
 Each worker is a fresh interpreter (``python -m <module> <down fd> <up fd>``) with two pipes to
-the gateway's process: ``down`` brings it ``("init", *args)`` first (its configuration, secrets
-included, never on the command line), then what its kind defines, and ``("stop", *args)``;
+the gateway's process: ``down`` brings it ``("init", level, *args)`` first (the gateway's log
+level, its configuration, secrets included, never on the command line), then what its kind
+defines, and ``("stop", *args)``;
 ``up`` carries ``("m", items)`` batches, sent by one thread of the worker (:class:`Uplink`), and
 ``("bye",)`` before it exits. In the gateway, :class:`WorkerPool` reads each worker on a thread
 of its own, hands each batch to the kind's handler, and starts a worker that dies again; one that
@@ -113,13 +114,13 @@ class Uplink:
 def worker_process(index: int, name: str) -> None:
     """What every worker does first: die with the gateway, leave signals to it (it stops its
     workers itself, in order: a stop from systemd reaches the whole control group, a Ctrl-C the
-    whole process group), log under its name."""
+    whole process group), log under its name (at the gateway's level, set by worker_entry)."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=f"{name}-w{index} %(levelname)s %(message)s")
+    logging.basicConfig(format=f"{name}-w{index} %(levelname)s %(message)s")
 
 
 def worker_entry(argv: list[str], main: Callable[[Item, Connection, Connection], None]) -> None:
@@ -128,10 +129,11 @@ def worker_entry(argv: list[str], main: Callable[[Item, Connection, Connection],
     down = Connection(int(argv[1]), writable=False)
     up = Connection(int(argv[2]), readable=False)
     try:
-        kind, *init = down.recv()
+        kind, level, *init = down.recv()
     except (EOFError, OSError):
         os._exit(0)
     assert kind == "init"
+    logging.getLogger().setLevel(level)  # the gateway's --log-level: it shares our stderr
     main(tuple(init), down, up)
 
 
@@ -224,7 +226,8 @@ class WorkerPool:
         down = Connection(down_w, readable=False)
         up = Connection(up_r, writable=False)
         with contextlib.suppress(OSError):
-            down.send(("init", *self._init(slot.index)))
+            level = logging.getLogger().getEffectiveLevel()
+            down.send(("init", level, *self._init(slot.index)))
         with slot.lock:
             slot.epoch += 1
             slot.process, slot.down, slot.up = process, down, up

@@ -14,7 +14,7 @@ import pytest
 from gateway.common.metrics import Metrics
 from gateway.common.model import AlarmEvent, Reading, Receipt
 from gateway.common.stage import Recall
-from gateway.edge.buffer import Buffer, BufferConfig
+from gateway.edge.buffer import MAX_FORGETS, Buffer, BufferConfig
 
 
 def reading(i: int, sensor: str = "ph-1", plant: str = "north") -> Reading:
@@ -356,6 +356,30 @@ def test_forget_drops_only_receipts_committed_before_the_ack(tmp_path):
         # "2" was committed after the time given: a later delivery under the key, kept.
         assert buf.recall(receipt("2"), lambda: None) is Recall.SAME
     finally:
+        buf.stop()
+
+
+def test_forgets_are_spread_over_transactions(tmp_path):
+    """An MQTT ack barrier confirms a second's receipts at once; deleting them all in one
+    transaction held up the commit of everything queued behind it (publish-to-commit p99)."""
+    buf = open_buffer(tmp_path)
+    hold = threading.Event()
+    n = 2 * MAX_FORGETS + 1
+    try:
+        buf.submit_wait([reading(0), *(receipt(str(k)) for k in range(n))], 10)
+        acked = time.time()
+        commits = buf.commits
+        buf.submit([reading(1)], on_durable=lambda: hold.wait(10))  # holds the writer
+        buf.forget([(receipt(str(k)), acked) for k in range(n)])
+        hold.set()
+        deadline = time.monotonic() + 10
+        while buf.recall(receipt(str(n - 1)), lambda: None) is not Recall.NEW:
+            assert time.monotonic() < deadline, "the forgets were not committed"
+            time.sleep(0.01)
+        assert buf.commits - commits >= 3  # the reading's, then slices of MAX_FORGETS
+        assert all(buf.recall(receipt(str(k)), lambda: None) is Recall.NEW for k in range(n))
+    finally:
+        hold.set()
         buf.stop()
 
 

@@ -44,6 +44,7 @@ from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Receipt, Record, Rejection
 from gateway.common.stage import Health, OnDurable, Recall, Receipts, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
+from gateway.edge.acquire.mqtt.client import PahoClient
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
 from gateway.edge.deadletter import DeadLetterStore
 
@@ -51,38 +52,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = "mqtt"
 CONFIRM_INTERVAL_S = 1.0  # how often the broker is asked to confirm the acks sent since
-READ_BURST = 64  # packets read per wake-up of paho's network thread, when that many are waiting
-
-
-# The burst below calls paho internals (2.1, 2.2); any other layout falls back to paho's loop_read.
-_PAHO_HAS_PACKET_READ = all(
-    hasattr(mqtt.Client, name) for name in ("_packet_read", "_loop_rc_handle")
-)
-
-
-class _Client(mqtt.Client):
-    """paho's client, reading up to READ_BURST waiting packets per wake-up of its network loop.
-
-    paho's ``loop_read`` reads one packet per ``select()`` when nothing of ours is in flight (it
-    overrides its ``max_packets``), so a backlog costs a loop round and a syscall per message.
-    This is its body with the burst; it stops, as paho's does, at the first read that would
-    block."""
-
-    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        if not _PAHO_HAS_PACKET_READ:  # a paho whose internals differ: its own loop, unchanged
-            return super().loop_read(max_packets)
-        if self._sock is None:
-            return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
-        burst = max(READ_BURST, len(self._out_messages) + len(self._in_messages))
-        for _ in range(burst):
-            if self._sock is None:
-                return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = self._packet_read()
-            if rc > 0:
-                return self._loop_rc_handle(rc)
-            if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
-                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 def fingerprint(topic: str, payload: bytes) -> bytes:
@@ -235,7 +204,7 @@ class MqttSource:
 
     def start(self) -> None:
         cfg = self.config
-        client = _Client(
+        client = PahoClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=mqtt.MQTTv5,
