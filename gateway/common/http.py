@@ -28,16 +28,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.common.config import SECRET
-from gateway.common.metrics import Metrics
 from gateway.common.model import format_ts, now_ts
 from gateway.common.stage import HealthCheck
+
+if TYPE_CHECKING:  # the HTTP ingest workers (who relay /metrics) import no prometheus_client
+    from gateway.common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,8 @@ class HttpServer:
 
     async def _get(self, request: web.Request, path: str) -> web.StreamResponse:
         if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
             text = await self._monitor(generate_latest, self.metrics.registry)
             return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
         if path == "/health":

@@ -29,14 +29,16 @@ from concurrent import futures
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.common.config import secret
 from gateway.common.http import Answer, HttpConfig, HttpServer, Route
 from gateway.common.logs import RateLimitedLog
-from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Receipt, Record, Rejection, reading_from_dict
 from gateway.common.stage import Recall, Receipts, Sink, SinkClosed
+
+if TYPE_CHECKING:  # the HTTP ingest workers import no prometheus_client
+    from gateway.common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

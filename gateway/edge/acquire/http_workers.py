@@ -27,14 +27,17 @@ import sys
 import threading
 from functools import partial
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.common.http import HttpConfig, HttpServer
-from gateway.common.metrics import Metrics
+from gateway.common.nometrics import no_metrics
 from gateway.common.stage import Health, SinkClosed
 from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.http import SOURCE, Answer, Answered, Entry, HttpIngest
 from gateway.edge.acquire.workers import Slot, Uplink, WorkerPool, worker_entry, worker_process
+
+if TYPE_CHECKING:  # the workers import no prometheus_client
+    from gateway.common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,11 @@ def worker_main(
     ``down`` brings answers and the stop. Exits when the gateway's end of the pipe closes."""
     worker_process(index, "http")
     remote = _Remote(up)
-    server = HttpServer(config, Metrics())
+    metrics = no_metrics()  # the gateway counts what the workers send it and serves /metrics
+    server = HttpServer(config, metrics)
     server.reuse_port = True
     server.relay_to = relay_to
-    ingest = HttpIngest(config, _no_sink, Metrics(), plant_id, token, on_rejected=remote.rejected)
+    ingest = HttpIngest(config, _no_sink, metrics, plant_id, token, on_rejected=remote.rejected)
     ingest.attach(server, submit=remote.submit)
     server.start()
     remote.health = lambda: (True, "")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -40,13 +40,15 @@ from paho.mqtt.properties import Properties
 
 from gateway.common.config import SECRET, build, secret
 from gateway.common.logs import RateLimitedLog
-from gateway.common.metrics import Metrics
 from gateway.common.model import Reading, Receipt, Record, Rejection
 from gateway.common.stage import Health, OnDurable, Recall, Receipts, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.mqtt.client import PahoClient
 from gateway.edge.acquire.mqtt.payload import Subscription, parse_message
-from gateway.edge.deadletter import DeadLetterStore
+
+if TYPE_CHECKING:  # not at run time: the MQTT workers need neither (nor their imports)
+    from gateway.common.metrics import Metrics
+    from gateway.edge.deadletter import DeadLetterStore
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,18 @@ import threading
 from collections.abc import Collection, Sequence
 from functools import partial
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.common.logs import RateLimitedLog
-from gateway.common.metrics import Metrics
 from gateway.common.model import Receipt, Record
+from gateway.common.nometrics import no_metrics
 from gateway.common.stage import Health, OnDurable, Recall, Sink, SinkClosed
 from gateway.common.supervise import Heartbeat
 from gateway.edge.acquire.mqtt.source import SOURCE, MqttConfig, MqttSource
 from gateway.edge.acquire.workers import Slot, Uplink, WorkerPool, worker_entry, worker_process
+
+if TYPE_CHECKING:  # the workers do not import prometheus_client
+    from gateway.common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +153,7 @@ def worker_main(
     source = MqttSource(
         cfg,
         uplink,
-        Metrics(),
+        no_metrics(),
         uplink,  # type: ignore[arg-type]  # the dead-letter store's submit()
         gateway_id,
         receipts=uplink,
