@@ -125,7 +125,30 @@ class Reading:
         return d
 
     def to_json(self) -> bytes:
-        return _dumps(self.to_dict())
+        """``to_dict``'s JSON, built without its checks and copies (the buffer writer encodes
+        every reading): orjson writes a non-finite value as null, and the quality as its value."""
+        raw, calibration = self.raw_value, self.calibration_id
+        d = {
+            "sensorId": self.sensor_id,
+            "plantId": self.plant_id,
+            "parameter": self.parameter,
+            "value": self.value,
+            "unit": self.unit,
+            "quality": self.quality,
+            "timestamp": format_ts(self.timestamp),
+            "location": self.location,
+            "gatewayId": self.gateway_id,
+            "seq": self.seq,
+            "qualityReasons": self.quality_reasons,
+        }
+        if raw is not None and math.isfinite(raw):
+            d["rawValue"] = raw
+        if calibration is not None:
+            d["calibrationId"] = calibration
+        try:
+            return orjson.dumps(d)
+        except TypeError:  # what orjson refuses (an integer beyond 64 bits): to_dict's way
+            return _dumps(self.to_dict())
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled as its constructor's arguments (MQTT workers send readings over a pipe): the

@@ -33,6 +33,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -110,6 +111,14 @@ class Row(NamedTuple):
     key: str
     payload: bytes
     created: float
+
+
+_plant_of, _payload_of = itemgetter(2), itemgetter(4)  # of a records row
+
+
+def _size_of(rows: list[tuple[int, str, str, str, bytes, float]]) -> int:
+    """What ``rows`` count against max_bytes (summed in C: it runs for every committed row)."""
+    return sum(map(len, map(_payload_of, rows))) + ROW_OVERHEAD * len(rows)
 
 
 class BufferClosed(SinkClosed):
@@ -758,11 +767,14 @@ class Buffer:
         con = self._con
         now = time.time()
         seq = self._seq
-        rows = []
-        for sub in subs:
+        rows: list[tuple[int, str, str, str, bytes, float]] = []
+        append, gateway_id = rows.append, self.gateway_id
+        for sub in subs:  # _encode inlined: this runs for every record every source takes in
             for r in sub.records:
                 seq += 1
-                rows.append(self._encode(r, seq, now))
+                r.gateway_id, r.seq = gateway_id, seq
+                kind = "reading" if type(r) is Reading else "alarm"
+                append((seq, kind, r.plant_id, r.sensor_id, r.to_json(), now))
         receipts = [
             (r.source, r.key, r.fingerprint, now, now + r.keep_s)
             for sub in subs
@@ -778,7 +790,7 @@ class Buffer:
             con.executemany("INSERT OR REPLACE INTO receipts VALUES (?,?,?,?,?)", receipts)
         drop: _Drop | None = None
         if self.config.overflow == "drop_oldest":
-            new_bytes = sum(len(row[4]) + ROW_OVERHEAD for row in rows)
+            new_bytes = _size_of(rows)
             drop = self._drop_oldest(len(rows), new_bytes, removed, removed_bytes, now)
             removed_bytes += drop.bytes
             if drop.alarm is not None:
@@ -798,12 +810,12 @@ class Buffer:
             self._dropped(drop)
         self.commits += 1
         self._seq = seq
-        self._plants.update(row[2] for row in rows)
+        self._plants.update(map(_plant_of, rows))  # Counter counts an iterable in C
         self._plants.subtract(removed)
         for plant in [p for p in removed if self._plants[p] <= 0]:
             del self._plants[plant]
         self._rows += len(rows) - sum(removed.values())
-        self._bytes += sum(len(row[4]) + ROW_OVERHEAD for row in rows) - removed_bytes
+        self._bytes += _size_of(rows) - removed_bytes
         if rows:
             with self._lock:
                 self.last_id = seq
